@@ -115,11 +115,12 @@ def random_resized_crop(img, size, scale, g):
 
 
 RGB_TO_YIQ = torch.tensor([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]])
+BLUR_P, SOLARIZE_P = (1.0, 0.1, 0.5), (0.0, 0.2, 0.0)  # global 1, global 2, every local view
 
 
 def to_gray(x):
     """ITU-R 601 luma, as PIL and torchvision: (n, 3, h, w) -> (n, 1, h, w)."""
-    return (x * torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)).sum(1, keepdim=True)
+    return (x * x.new_tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)).sum(1, keepdim=True)
 
 
 def color_jitter(x, on, g):
@@ -127,16 +128,16 @@ def color_jitter(x, on, g):
     n = x.shape[0]
     f = lambda lo, hi: torch.where(on, lo + (hi - lo) * torch.rand(n, generator=g), (lo + hi) / 2)  # noqa: E731
     b, c, s, hue = f(0.6, 1.4), f(0.6, 1.4), f(0.8, 1.2), f(-0.1, 0.1)  # (n,) factors; 1, 1, 1, 0 = off
-    x = (x * b.view(n, 1, 1, 1)).clamp(0, 1)  # brightness: blend with black
-    m = to_gray(x).mean((1, 2, 3), keepdim=True)  # contrast: blend with the mean gray level
-    x = (c.view(n, 1, 1, 1) * x + (1 - c.view(n, 1, 1, 1)) * m).clamp(0, 1)
-    x = (s.view(n, 1, 1, 1) * x + (1 - s.view(n, 1, 1, 1)) * to_gray(x)).clamp(0, 1)  # saturation
+    b, c, s = (t.to(x.device).view(n, 1, 1, 1) for t in (b, c, s))
+    x = (x * b).clamp(0, 1)  # brightness: blend with black
+    x = (c * x + (1 - c) * to_gray(x).mean((1, 2, 3), keepdim=True)).clamp(0, 1)  # contrast: with mean gray
+    x = (s * x + (1 - s) * to_gray(x)).clamp(0, 1)  # saturation: blend with the gray image
     # hue: rotate the chroma plane (I, Q) of YIQ by 2 pi hue, i.e. x <- T^-1 R(theta) T x
     cos, sin = torch.cos(2 * math.pi * hue), torch.sin(2 * math.pi * hue)
     R = torch.zeros(n, 3, 3)
     R[:, 0, 0], R[:, 1, 1], R[:, 1, 2], R[:, 2, 1], R[:, 2, 2] = 1, cos, -sin, sin, cos
     M = torch.linalg.inv(RGB_TO_YIQ) @ R @ RGB_TO_YIQ  # (n, 3, 3)
-    return torch.einsum("nij,njhw->nihw", M, x).clamp(0, 1)
+    return torch.einsum("nij,njhw->nihw", M.to(x.device), x).clamp(0, 1)
 
 
 def gaussian_blur(x, on, sigma_range, g):
@@ -146,8 +147,8 @@ def gaussian_blur(x, on, sigma_range, g):
     r = min(math.ceil(3 * sigma_range[1]), h - 1, w - 1)  # kernel radius covers 3 sigma
     t = torch.arange(-r, r + 1, dtype=torch.float32)
     k = torch.exp(-t**2 / (2 * sigma[:, None] ** 2))  # (n, 2r+1)
-    k = torch.where(on[:, None], k / k.sum(1, keepdim=True), (t == 0).float())  # delta = no blur
-    k = k.repeat_interleave(3, 0)  # (3n, 2r+1): one depthwise kernel per channel
+    k = torch.where(on[:, None].cpu(), k / k.sum(1, keepdim=True), (t == 0).float())  # delta = no blur
+    k = k.repeat_interleave(3, 0).to(x.device)  # (3n, 2r+1): one depthwise kernel per channel
     y = F.pad(x.reshape(1, 3 * n, h, w), (r, r, 0, 0), mode="reflect")
     y = F.conv2d(y, k.view(3 * n, 1, 1, -1), groups=3 * n)  # horizontal pass
     y = F.conv2d(F.pad(y, (0, 0, r, r), mode="reflect"), k.view(3 * n, 1, -1, 1), groups=3 * n)
@@ -155,29 +156,40 @@ def gaussian_blur(x, on, sigma_range, g):
 
 
 def photometric(x, blur_p, solarize_p, sigma_range, g):
-    """Flip, jitter, grayscale, blur, solarize, normalize: x (n, 3, h, w) uint8 -> float."""
+    """Flip, jitter, grayscale, blur, solarize, normalize: x (n, 3, h, w) uint8 -> float. The
+    random draws come from the CPU generator g; the pixels stay on x's device."""
     n = x.shape[0]
-    coin = lambda p: torch.rand(n, generator=g) < torch.as_tensor(p)  # noqa: E731  (n,) bools
+    coin = lambda p: torch.rand(n, generator=g) < torch.as_tensor(p)  # noqa: E731  (n,) bools on the CPU
     x = x.float() / 255
-    x = torch.where(coin(0.5).view(n, 1, 1, 1), x.flip(-1), x)  # horizontal flip
+    x = torch.where(coin(0.5).to(x.device).view(n, 1, 1, 1), x.flip(-1), x)  # horizontal flip
     x = color_jitter(x, coin(0.8), g)
-    x = torch.where(coin(0.2).view(n, 1, 1, 1), to_gray(x).expand_as(x), x)
+    x = torch.where(coin(0.2).to(x.device).view(n, 1, 1, 1), to_gray(x).expand_as(x), x)
     x = gaussian_blur(x, coin(blur_p), sigma_range, g)
-    x = torch.where(coin(solarize_p).view(n, 1, 1, 1) & (x >= 128 / 255), 1 - x, x)  # PIL solarize
-    mean, std = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
-    return (x - mean) / std
+    x = torch.where(coin(solarize_p).to(x.device).view(n, 1, 1, 1) & (x >= 128 / 255), 1 - x, x)  # as PIL
+    return (x - x.new_tensor(IMAGENET_MEAN).view(1, 3, 1, 1)) / x.new_tensor(IMAGENET_STD).view(1, 3, 1, 1)
+
+
+def augment_views(views, sigma_range, g):
+    """photometric() over V views [(n, 3, h, w) uint8], each with its view's probabilities, in one
+    batched call per crop size: n = 1 for one image in a worker, n = B for a batch on the GPU."""
+    n, out = views[0].shape[0], []
+    for first, last in ((0, 2), (2, len(views))):  # the global views, then the local views
+        if last > first:
+            p = torch.tensor([[BLUR_P[min(v, 2)], SOLARIZE_P[min(v, 2)]] for v in range(first, last)])  # (m, 2)
+            p = p.repeat_interleave(n, 0)  # (m*n, 2): a row per crop
+            out += photometric(torch.cat(views[first:last]), p[:, 0], p[:, 1], sigma_range, g).split(n)
+    return out  # V tensors (n, 3, h, w), float, normalized
 
 
 def multicrop(img, args, g):
-    """Algorithm 1's augment(x): the list [g1, g2, l1, ..., lL] of (3, h, w) float views."""
-    G, L, sig = args.global_crop_size, args.local_crops_number, args.blur_sigma
-    glob = torch.stack([random_resized_crop(img, G, args.global_crops_scale, g) for _ in range(2)])
-    views = list(photometric(glob, [1.0, 0.1], [0.0, 0.2], sig, g))  # 2 x (3, G, G)
-    if L > 0:
-        loc = torch.stack([random_resized_crop(img, args.local_crop_size, args.local_crops_scale, g)
-                           for _ in range(L)])  # (L, 3, l, l)
-        views += list(photometric(loc, 0.5, 0.0, sig, g))
-    return views
+    """Algorithm 1's augment(x): [g1, g2, l1, ..., lL], each (3, h, w); uint8 crops only when the
+    photometric half runs later on the GPU (--augment_on_device)."""
+    crops = [random_resized_crop(img, args.global_crop_size, args.global_crops_scale, g) for _ in range(2)]
+    crops += [random_resized_crop(img, args.local_crop_size, args.local_crops_scale, g)
+              for _ in range(args.local_crops_number)]
+    if args.augment_on_device:
+        return crops
+    return [v[0] for v in augment_views([c[None] for c in crops], args.blur_sigma, g)]
 
 
 class MultiCropDataset(torch.utils.data.Dataset):
@@ -588,22 +600,23 @@ def download_imagenette(root):
     return str(Path(root) / "imagenette2-320")
 
 
-def make_synthetic_images(root, classes=10, per_class=24, size=48, seed=0):
-    """A toy labelled set written as PNGs: each class a coloured grating of its own orientation
+def make_synthetic_images(root, classes=10, per_class=24, size=48, seed=0, ext=".png"):
+    """A toy labelled image set: each class a coloured grating of its own orientation
     and frequency under noise, so a network can learn it. For --smoke, tests and benchmarks."""
     g = torch.Generator().manual_seed(seed)
-    yy, xx = torch.meshgrid(torch.arange(size), torch.arange(size), indexing="ij")
+    H, W = (size, size) if isinstance(size, int) else size
+    yy, xx = torch.meshgrid(torch.arange(H), torch.arange(W), indexing="ij")
     for c in range(classes):
         angle, freq = math.pi * c / classes, 0.15 + 0.05 * (c % 3)
         color = torch.tensor([(c * 0.37) % 1, (c * 0.61) % 1, (c * 0.13) % 1]).view(3, 1, 1)
         for i in range(per_class):
             phase = 2 * math.pi * torch.rand(1, generator=g).item()
             wave = torch.sin(freq * (xx * math.cos(angle) + yy * math.sin(angle)) + phase)
-            img = 0.5 + 0.35 * wave * (2 * color - 1) + 0.12 * torch.randn(3, size, size, generator=g)
+            img = 0.5 + 0.35 * wave * (2 * color - 1) + 0.12 * torch.randn(3, H, W, generator=g)
             split = "val" if i % 4 == 0 else "train"
             (Path(root) / split / f"class{c}").mkdir(parents=True, exist_ok=True)
             Image.fromarray((img.clamp(0, 1) * 255).byte().permute(1, 2, 0).numpy()).save(
-                Path(root) / split / f"class{c}" / f"{i:03d}.png")
+                Path(root) / split / f"class{c}" / f"{i:03d}{ext}")
     return str(root)
 
 
@@ -764,6 +777,22 @@ class StopRequest:
         return bool(flag > 0)
 
 
+def ignore_signals(_worker_id):
+    """DataLoader workers leave Ctrl-C and SIGTERM to the main process, which saves, then ends them."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+def prepare_views(views, args, device, it):
+    """Move a batch to the device (non-blocking from pinned memory); with --augment_on_device the
+    photometric augmentations run there on the whole batch, drawn from seed_for(seed, it, rank)."""
+    views = [v.to(device, non_blocking=True) for v in views]
+    if args.augment_on_device:
+        rank = dist.get_rank() if dist.is_initialized() else 0
+        views = augment_views(views, args.blur_sigma, torch.Generator().manual_seed(seed_for(args.seed, it, rank)))
+    return views
+
+
 def evaluate(run, train_items, val_items, args, device, epoch, out):
     """Weighted k-NN of the teacher's CLS features (rank 0; the others wait)."""
     if is_main() and val_items:
@@ -787,7 +816,9 @@ def train(args):
                            else 0, world_size(), args.seed)
     loader = torch.utils.data.DataLoader(
         MultiCropDataset(train_items, args), batch_size=args.batch_size_per_gpu, sampler=sampler,
-        num_workers=args.num_workers, pin_memory=device.type == "cuda", persistent_workers=args.num_workers > 0)
+        num_workers=args.num_workers, pin_memory=device.type == "cuda", persistent_workers=args.num_workers > 0,
+        worker_init_fn=ignore_signals)
+    torch.manual_seed(args.seed)  # the initial weights
     run = build(args, device, sampler.steps)
     resume(run, args, out / "checkpoint.pth")
     if is_main():
@@ -820,7 +851,7 @@ def train_one_epoch(run, loader, sampler, epoch, args, device, out, stop):
     sampler.epoch, sampler.start_step = epoch, run.it - epoch * sampler.steps
     seen, t0 = 0, time.perf_counter()
     for views, _ in loader:
-        views = [v.to(device, non_blocking=True) for v in views]
+        views = prepare_views(views, args, device, run.it)
         loss, teacher_probs, teacher_feats = train_step(run, views, epoch, args)
         seen += views[0].shape[0] * world_size()
         if run.it % args.log_every == 0 or run.it == (epoch + 1) * sampler.steps:
@@ -869,49 +900,45 @@ def load_official_weights(arch="vit_small", patch_size=16, path=None):
 
 
 def benchmark(args):
-    """Training images/s on generated data after warm-up, FLOP per image, achieved FLOP/s
-    against a large matrix product in the same run, peak memory, data pipeline images/s."""
+    """One JSON line: training images/s after warm-up, FLOP per image, achieved FLOP/s against a
+    large matrix product timed in the same run, peak memory, data pipeline images/s per worker."""
     from torch.utils.flop_counter import FlopCounterMode
-    device, out = setup_device(args), Path(args.output_dir)
-    data = make_synthetic_images(out / "bench_data", classes=2, per_class=16, size=args.bench_image_size)
-    items, _ = list_images(Path(data) / "train")
-    dataset = MultiCropDataset(items, args)
-    torch.set_num_threads(1)  # the pipeline's rate per worker process: one thread
-    t0 = time.perf_counter()
-    samples = [dataset[(0, i % len(items))] for i in range(max(args.batch_size_per_gpu, 16))]
-    pipeline = len(samples) / (time.perf_counter() - t0)
-    torch.set_num_threads(os.cpu_count() if args.threads is None else args.threads)
-    views = [torch.stack([s[0][v] for s in samples[:args.batch_size_per_gpu]]).to(device)
-             for v in range(2 + args.local_crops_number)]
-    run = build(args, device, iters_per_epoch=10 ** 6)
+    device = setup_device(args)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+
+    def seconds(fn, n):
+        fn()  # warm-up
+        sync()
+        t0 = time.perf_counter()
+        for _ in range(n):
+            fn()
+        sync()
+        return (time.perf_counter() - t0) / n
+
+    data = make_synthetic_images(Path(args.output_dir) / "bench_data", 2, 8, (320, 426), ext=".jpg")
+    dataset, B = MultiCropDataset(list_images(Path(data) / "train")[0], args), args.batch_size_per_gpu
+    torch.set_num_threads(1)  # the pipeline's rate per worker process: one thread, as a worker has
+    samples = [dataset[(0, i % len(dataset))] for i in range(max(B, 16))]
+    per_image = seconds(lambda: [dataset[(1, i)] for i in range(len(dataset))], 2) / len(dataset)
+    torch.set_num_threads(args.threads or os.cpu_count())
+    batch = [torch.stack([s[0][v] for s in samples[:B]]).pin_memory() if device.type == "cuda" else
+             torch.stack([s[0][v] for s in samples[:B]]) for v in range(2 + args.local_crops_number)]
+    run = build(args, device, iters_per_epoch=10 ** 6)
+    step = lambda: train_step(run, prepare_views(batch, args, device, run.it), 1, args)  # noqa: E731
     for _ in range(args.bench_warmup):
-        train_step(run, views, 1, args)
+        step()
     with FlopCounterMode(display=False) as counter:
-        train_step(run, views, 1, args)
-    sync()
-    t0 = time.perf_counter()
-    for _ in range(args.bench_steps):
-        train_step(run, views, 1, args)
-    sync()
-    step_s = (time.perf_counter() - t0) / args.bench_steps
-    a = torch.randn(2048, 2048, device=device, dtype=torch.bfloat16 if device.type == "cuda" else torch.float32)
-    a @ a
-    sync()
-    t0 = time.perf_counter()
-    for _ in range(5):
-        a @ a
-    sync()
-    matmul = 5 * 2 * 2048 ** 3 / (time.perf_counter() - t0)
-    flops = counter.get_total_flops() / args.batch_size_per_gpu
+        step()
+    step_s, flop = seconds(step, args.bench_steps), counter.get_total_flops() / B
+    a = torch.randn(4096, 4096, device=device, dtype=torch.bfloat16 if args.precision == "bf16" else torch.float32)
+    matmul = 2 * 4096 ** 3 / seconds(lambda: a @ a, 5)
     peak = (torch.cuda.max_memory_allocated() if device.type == "cuda" else
             __import__("resource").getrusage(__import__("resource").RUSAGE_SELF).ru_maxrss * 1024)
     result = {"device": torch.cuda.get_device_name() if device.type == "cuda" else f"cpu x {torch.get_num_threads()}",
-              "train_img_per_s": args.batch_size_per_gpu / step_s, "step_s": step_s, "gflop_per_img": flops / 1e9,
-              "achieved_gflop_per_s": flops * args.batch_size_per_gpu / step_s / 1e9,
-              "matmul_gflop_per_s": matmul / 1e9, "peak_mem_mb": peak / 2 ** 20,
-              "pipeline_img_per_s_per_worker": pipeline}
-    result["utilisation"] = result["achieved_gflop_per_s"] / result["matmul_gflop_per_s"]
+              "train_img_per_s": B / step_s, "step_s": step_s, "gflop_per_img": flop / 1e9,
+              "achieved_gflop_per_s": flop * B / step_s / 1e9, "matmul_gflop_per_s": matmul / 1e9,
+              "utilisation": flop * B / step_s / matmul, "peak_mem_mb": peak / 2 ** 20,
+              "pipeline_img_per_s_per_worker": 1 / per_image}
     print(json.dumps(result))
     return result
 
@@ -931,75 +958,81 @@ PRESETS = {
 }
 
 
+# Every flag as (name, default, why it is that value); names as in the official main_dino.py. The
+# type follows the default: a pair of floats takes two numbers, False is a switch, True a yes/no.
+FLAGS = [
+    # data, output, mode
+    ("data", None, "DIR/{train,val}/<class>/* (Imagenette), or DIR/<class>/*: then every 5th image is a k-NN query"),
+    ("download", False, "fetch Imagenette (320 px) into --data first, through torchvision"),
+    ("output_dir", "./dino_output", "checkpoint.pth, log.jsonl, teacher_backbone.pth; the same command resumes"),
+    ("preset", None, "a named set of defaults (smoke, laptop); explicit flags still win"),
+    ("smoke", False, "= --preset smoke on generated images: the whole loop in seconds on a CPU"),
+    ("benchmark", False, "print one JSON line of training and data pipeline speed, then exit"),
+    ("device", "auto", "auto picks cuda, then mps, then cpu"),
+    # model
+    ("arch", "vit_small", "vit_tiny / vit_small / vit_base; vit_small is the paper's main model (Table 2)"),
+    ("patch_size", 16, "8 is better (Table 2: 78.3 vs 74.5 k-NN) but 4x the tokens, ~3x slower"),
+    ("embed_dim", None, "override the width D of --arch (small CPU runs)"),
+    ("depth", None, "override the number of blocks of --arch"),
+    ("num_heads", None, "override the number of heads of --arch"),
+    ("out_dim", 65536, "K prototypes; App. C: 65536 is best on ImageNet, smaller K converges faster on small data"),
+    ("head_hidden_dim", 2048, "width of the head's 3-layer MLP"),
+    ("bottleneck_dim", 256, "the L2-normalized bottleneck before the prototypes"),
+    ("norm_last_layer", True, "fix the prototypes' weight-norm gain to 1: stabler; False trains better, riskier"),
+    ("drop_path_rate", 0.1, "stochastic depth of the student, growing linearly with depth"),
+    # teacher, centering, sharpening
+    ("momentum_teacher", 0.996, "lambda at start, cosine to 1; raise it (0.9995 at batch 256) for small batches"),
+    ("warmup_teacher_temp", 0.04, "tau_t at start; lower sharpens more"),
+    ("teacher_temp", 0.04, "tau_t after warmup (paper 0.04 -> 0.07); > 0.07 unstable, 0.08 without warmup collapses"),
+    ("warmup_teacher_temp_epochs", 0, "epochs of linear tau_t warmup (paper: 30)"),
+    ("student_temp", 0.1, "tau_s, fixed in the paper"),
+    ("center_momentum", 0.9, "m of Eq. 4: 0.999 collapses; 1 keeps C = 0, i.e. no centering"),
+    # optimization
+    ("batch_size_per_gpu", 64, "official 64 x 16 GPUs = 1024 images per step"),
+    ("epochs", 100, "official 100 (69.3 k-NN on ImageNet); the paper's best runs 800"),
+    ("lr", 0.0005, "peak lr at a total batch of 256, scaled linearly with the total batch"),
+    ("min_lr", 1e-6, "end of the cosine lr schedule"),
+    ("warmup_epochs", 10, "linear lr warmup from 0"),
+    ("weight_decay", 0.04, "start of the cosine weight-decay schedule"),
+    ("weight_decay_end", 0.4, "end of it: a larger decay late in training helps ViTs"),
+    ("clip_grad", 3.0, "per-parameter gradient norm clip; 0 disables"),
+    ("freeze_last_layer", 1, "epochs the prototypes stay fixed: training is stabler"),
+    # multi-crop
+    ("global_crop_size", 224, "global views; also the k-NN image size"),
+    ("local_crop_size", 96, "local views"),
+    ("global_crops_scale", (0.4, 1.0), "area fraction of the global views; App. E: a split near 0.3 is best"),
+    ("local_crops_scale", (0.05, 0.4), "area fraction of the local views"),
+    ("local_crops_number", 8, "L local views; 0 disables multi-crop (Table 8: 2x224+10x96 best)"),
+    ("blur_sigma", (0.1, 2.0), "Gaussian blur sigma range in pixels, as official"),
+    # running
+    ("precision", "auto", "auto = bf16 autocast on CUDA, fp32 elsewhere (bf16 is slow on CPUs); fp32 if NaN"),
+    ("augment_on_device", False, "workers only decode and crop; colour, blur, ... run batched on the GPU"),
+    ("compile", False, "torch.compile the student and teacher (faster on a GPU, minutes to compile)"),
+    ("seed", 0, "same seed, same flags: bitwise-equal weights on the CPU"),
+    ("num_workers", min(10, os.cpu_count() or 1), "data loading processes"),
+    ("threads", None, "torch threads (default: all cores)"),
+    ("eval_every", 10, "epochs between weighted k-NN evaluations (and one at start); 0 disables"),
+    ("knn_k", 20, "neighbours of the weighted k-NN (App. F.1)"),
+    ("knn_temperature", 0.07, "T of exp(cos / T) in the k-NN vote (App. F.1)"),
+    ("log_every", 10, "iterations between log lines"),
+    ("pause_after_epochs", 0, "stop cleanly after this many epochs of this run; the same command continues"),
+    ("bench_steps", 5, "--benchmark: timed steps after --bench_warmup untimed ones"),
+    ("bench_warmup", 2, "--benchmark: untimed steps"),
+]
+CHOICES = {"arch": sorted(ARCHS), "preset": ["smoke", "laptop"], "precision": ["auto", "bf16", "fp16", "fp32"]}
+INTS = {"embed_dim", "depth", "num_heads", "threads"}  # None by default, else whole numbers
+
+
 def get_args_parser():
     p = argparse.ArgumentParser("dino_minimal", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    a = p.add_argument
-    pair = dict(type=float, nargs=2)
-    a("--data", default=None, help="Imagenette layout DIR/{train,val}/<class>/*, or one class-per-folder tree "
-      "(then every 5th image per class is held out as k-NN queries and not trained on)")
-    a("--download", action="store_true", help="fetch Imagenette (320 px) into --data first, through torchvision")
-    a("--output_dir", default="./dino_output", help="checkpoint.pth, log.jsonl, teacher_backbone.pth; "
-      "rerunning the same command resumes from its checkpoint")
-    a("--preset", choices=sorted(PRESETS), help="a named set of defaults; explicit flags still win")
-    a("--smoke", action="store_true", help="= --preset smoke on generated images: the whole loop in < 1 min")
-    a("--benchmark", action="store_true", help="print one JSON line of training and pipeline speed, then exit")
-    a("--device", default="auto", help="auto picks cuda, then mps, then cpu")
-    # model
-    a("--arch", default="vit_small", choices=sorted(ARCHS), help="vit_small: the paper's main model (Table 2)")
-    a("--patch_size", type=int, default=16, help="8 is better (Table 2) but 4x the tokens, ~3x slower")
-    a("--embed_dim", type=int, default=None, help="override the width D of --arch (small CPU runs)")
-    a("--depth", type=int, default=None, help="override the number of blocks of --arch")
-    a("--num_heads", type=int, default=None, help="override the number of heads of --arch")
-    a("--out_dim", type=int, default=65536, help="K prototypes; App. C: 65536 best on ImageNet, smaller K "
-      "converges faster on small data")
-    a("--head_hidden_dim", type=int, default=2048, help="width of the head's MLP (official 2048)")
-    a("--bottleneck_dim", type=int, default=256, help="the L2-normalized bottleneck before the prototypes")
-    a("--norm_last_layer", type=lambda s: s.lower() in ("1", "true", "yes"), default=True,
-      help="fix the weight-norm gain to 1: more stable; False trains better ViT-S but can be unstable")
-    a("--drop_path_rate", type=float, default=0.1, help="stochastic depth of the student (official 0.1)")
-    # loss and teacher
-    a("--momentum_teacher", type=float, default=0.996, help="lambda at start, cosine to 1; raise it (0.9995) "
-      "for small batches such as 256")
-    a("--warmup_teacher_temp", type=float, default=0.04, help="tau_t at start; lower sharpens more")
-    a("--teacher_temp", type=float, default=0.04, help="tau_t after warmup; the paper uses 0.04 -> 0.07, "
-      "above 0.07 is unstable, 0.08 without warmup collapses")
-    a("--warmup_teacher_temp_epochs", type=int, default=0, help="epochs of linear tau_t warmup (paper: 30)")
-    a("--student_temp", type=float, default=0.1, help="tau_s, fixed in the paper")
-    a("--center_momentum", type=float, default=0.9, help="m of Eq. 4; 0.999 collapses; 1 disables centering")
-    # optimization
-    a("--batch_size_per_gpu", type=int, default=64, help="official 64 x 16 GPUs = 1024")
-    a("--epochs", type=int, default=100, help="official 100 (69.3 k-NN on ImageNet); the paper's best 800")
-    a("--lr", type=float, default=0.0005, help="peak lr at a total batch of 256, scaled linearly with it")
-    a("--min_lr", type=float, default=1e-6, help="end of the cosine lr schedule")
-    a("--warmup_epochs", type=int, default=10, help="linear lr warmup from 0")
-    a("--weight_decay", type=float, default=0.04, help="start of the cosine weight-decay schedule")
-    a("--weight_decay_end", type=float, default=0.4, help="end: a larger decay late helps ViTs")
-    a("--clip_grad", type=float, default=3.0, help="per-parameter gradient norm clip; 0 disables")
-    a("--freeze_last_layer", type=int, default=1, help="epochs the prototypes stay fixed: stability")
-    # multi-crop
-    a("--global_crop_size", type=int, default=224, help="global views; also the k-NN image size")
-    a("--local_crop_size", type=int, default=96, help="local views")
-    a("--global_crops_scale", default=(0.4, 1.0), **pair, help="area fraction; App. E: split near 0.3 is best")
-    a("--local_crops_scale", default=(0.05, 0.4), **pair, help="area fraction of the local views")
-    a("--local_crops_number", type=int, default=8, help="L local views; 0 disables multi-crop (Table 8)")
-    a("--blur_sigma", default=(0.1, 2.0), **pair, help="Gaussian blur sigma range in pixels (official)")
-    # running
-    a("--precision", default="auto", choices=["auto", "bf16", "fp16", "fp32"],
-      help="auto: bf16 autocast on CUDA, fp32 elsewhere (bf16 is slower on CPUs); try fp32 on NaN")
-    a("--compile", action="store_true", help="torch.compile the student and teacher (faster on GPU)")
-    a("--seed", type=int, default=0, help="same seed, same flags: bitwise-equal weights on the CPU")
-    a("--num_workers", type=int, default=min(10, os.cpu_count() or 1), help="data loading processes")
-    a("--threads", type=int, default=None, help="torch threads; default all cores")
-    a("--eval_every", type=int, default=10, help="epochs between k-NN evaluations; 0 disables")
-    a("--knn_k", type=int, default=20, help="neighbours of the weighted k-NN (App. F.1)")
-    a("--knn_temperature", type=float, default=0.07, help="T of exp(cos / T) in the k-NN vote")
-    a("--log_every", type=int, default=10, help="iterations between log lines")
-    a("--pause_after_epochs", type=int, default=0, help="stop cleanly after this many epochs of this run "
-      "(time-limited jobs); rerun the same command to continue")
-    a("--bench_steps", type=int, default=5, help="--benchmark: timed steps")
-    a("--bench_warmup", type=int, default=2, help="--benchmark: untimed steps first")
-    a("--bench_image_size", type=int, default=320, help="--benchmark: side of the generated images")
+    yes_no = lambda s: s.lower() in ("1", "true", "yes")  # noqa: E731
+    for name, default, why in FLAGS:
+        kind = ({"action": "store_true"} if default is False else {"type": yes_no} if default is True else
+                {"type": float, "nargs": 2} if isinstance(default, tuple) else
+                {"type": int if name in INTS else str} if default is None else {"type": type(default)})
+        kind |= {"choices": CHOICES[name]} if name in CHOICES else {}
+        p.add_argument(f"--{name}", default=default, help=why, **kind)
     return p
 
 
