@@ -831,8 +831,10 @@ def train(args):
     stop, start_epoch, paused = StopRequest(), run.it // sampler.steps, False
     for epoch in range(start_epoch, args.epochs):
         if not train_one_epoch(run, loader, sampler, epoch, args, device, out, stop):
-            save_checkpoint(run, args, out / "checkpoint.pth")
-            log(out, {"type": "stopped", "it": run.it, "checkpoint": str(out / "checkpoint.pth")})
+            if is_main():
+                save_checkpoint(run, args, out / "checkpoint.pth")
+                print(f"stopped at iteration {run.it}: saved {out / 'checkpoint.pth'}; the same command resumes")
+            log(out, {"type": "stopped", "it": run.it, "checkpoint": str(out / "checkpoint.pth")}, echo=False)
             return 130
         save_checkpoint(run, args, out / "checkpoint.pth") if is_main() else None
         if args.eval_every and ((epoch + 1) % args.eval_every == 0 or epoch + 1 == args.epochs):
