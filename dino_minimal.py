@@ -577,8 +577,10 @@ def load_splits(args):
         val = list_images(root / "val")[0] if (root / "val").is_dir() else []
     else:
         items, classes = list_images(root)
-        train = [it for i, it in enumerate(items) if i % 5]
-        val = [it for i, it in enumerate(items) if i % 5 == 0]
+        train, val = [], []
+        for _, same_class in groupby(items, key=lambda item: item[1]):
+            for k, item in enumerate(same_class):
+                (val if k % 5 == 0 else train).append(item)
     train, val = checked(train, args), checked(val, args)
     if not train:
         raise UsageError(f"no images found under {root}: expected {root}/<class>/<image files>")
@@ -771,9 +773,10 @@ class StopRequest:
         self.requested = True
 
     def __bool__(self):  # every process stops at the same step: any one's request counts
-        flag = torch.tensor(float(self.requested))
-        if dist.is_initialized() and dist.get_backend() == "gloo":
-            dist.all_reduce(flag)
+        if not dist.is_initialized():
+            return self.requested
+        flag = torch.tensor(float(self.requested), device="cuda" if dist.get_backend() == "nccl" else "cpu")
+        dist.all_reduce(flag)
         return bool(flag > 0)
 
 

@@ -783,7 +783,7 @@ def test_without_centering_the_teacher_entropy_falls_toward_zero(collapse_runs):
     runs, log_k = collapse_runs
     run = runs["no_centering"]
     assert torch.equal(run["center"], torch.zeros_like(run["center"]))  # --center_momentum 1: no centering
-    assert run["h_teacher"] < min(0.1 * log_k, run["h_first"]) and run["h_teacher"] < runs["full"]["h_teacher"] / 4
+    assert run["h_teacher"] < min(0.2 * log_k, run["h_first"]) and run["h_teacher"] < runs["full"]["h_teacher"] / 4
     assert run["kl"] < runs["full"]["kl"] / 2
 
 
@@ -858,7 +858,8 @@ def test_a_pause_that_lands_on_the_last_epoch_still_saves_the_final_weights(resu
 def start_run(data, out, *extra):
     """The command line on 48 images in batches of 4 (12 steps per epoch), in the background."""
     cmd = [sys.executable, str(SCRIPT), *tiny_argv(data, out, "--batch_size_per_gpu", "4", "--epochs", "3", *extra)]
-    return cmd, subprocess.Popen(cmd, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return cmd, subprocess.Popen(cmd, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                 start_new_session=True)  # its own process group, as a terminal's job
 
 
 def wait_for_step(proc, out, predicate, timeout=180):
@@ -895,12 +896,16 @@ def test_sigkill_mid_epoch_leaves_a_loadable_checkpoint_and_the_rerun_finishes(d
     assert (out / "teacher_backbone.pth").exists() and load_ckpt(out)["it"] == 36
 
 
-def test_sigterm_finishes_the_step_saves_and_resumes_from_that_iteration(data48, tmp_path):
-    """SIGTERM (a scheduler's stop): finish the step, save, name the checkpoint, exit; rerun continues there."""
+@pytest.mark.parametrize("how", ["SIGTERM to the process", "Ctrl-C to the group, 2 workers"])
+def test_stop_signal_finishes_the_step_saves_and_resumes_from_that_iteration(data48, tmp_path, how):
+    """SIGTERM / Ctrl-C: finish the step, save, name the checkpoint, exit; rerunning continues from there."""
     out = tmp_path / "run"
-    cmd, proc = start_run(data48, out)
+    cmd, proc = start_run(data48, out, *(["--num_workers", "2"] if "workers" in how else []))
     wait_for_step(proc, out, lambda r: r["it"] >= 2)
-    proc.send_signal(signal.SIGTERM)
+    if how.startswith("SIGTERM"):  # a scheduler stopping the job
+        proc.send_signal(signal.SIGTERM)
+    else:  # a terminal's Ctrl-C reaches the whole process group: the loader's workers too
+        os.killpg(proc.pid, signal.SIGINT)
     stdout, stderr = proc.communicate(timeout=120)
     assert proc.returncode != 0 and "Traceback" not in stderr
     stopped = [r for r in read_log(out) if r["type"] == "stopped"]
