@@ -762,10 +762,13 @@ def log(out, record, echo=True):
 class StopRequest:
     """Ctrl-C or SIGTERM: finish the step, save, exit. A second Ctrl-C interrupts at once."""
 
-    def __init__(self):
-        self.requested = False
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(sig, self.handle)
+    def __enter__(self):
+        self.requested, self.previous = False, {s: signal.signal(s, self.handle) for s in (signal.SIGINT, signal.SIGTERM)}
+        return self
+
+    def __exit__(self, *exc):
+        for sig, handler in self.previous.items():  # give the caller its handlers back
+            signal.signal(sig, handler)
 
     def handle(self, signum, frame):
         if self.requested and signum == signal.SIGINT:
@@ -831,21 +834,21 @@ def train(args):
               f"{sampler.steps} iterations per epoch on {world_size()} x {device}")
     if run.it == 0 and args.eval_every:  # the baseline: the same network at random initialization
         evaluate(run, train_items, val_items, args, device, 0, out)
-    stop, start_epoch, paused = StopRequest(), run.it // sampler.steps, False
-    for epoch in range(start_epoch, args.epochs):
-        if not train_one_epoch(run, loader, sampler, epoch, args, device, out, stop):
-            if is_main():
-                save_checkpoint(run, args, out / "checkpoint.pth")
-                print(f"stopped at iteration {run.it}: saved {out / 'checkpoint.pth'}; the same command resumes")
-            log(out, {"type": "stopped", "it": run.it, "checkpoint": str(out / "checkpoint.pth")}, echo=False)
-            return 130
-        save_checkpoint(run, args, out / "checkpoint.pth") if is_main() else None
-        if args.eval_every and ((epoch + 1) % args.eval_every == 0 or epoch + 1 == args.epochs):
-            evaluate(run, train_items, val_items, args, device, epoch + 1, out)
-        if args.pause_after_epochs and epoch + 1 - start_epoch >= args.pause_after_epochs:
-            paused = True
-            break
-    if is_main() and not paused:
+    start_epoch = run.it // sampler.steps
+    with StopRequest() as stop:
+        for epoch in range(start_epoch, args.epochs):
+            if not train_one_epoch(run, loader, sampler, epoch, args, device, out, stop):
+                if is_main():
+                    save_checkpoint(run, args, out / "checkpoint.pth")
+                    print(f"stopped at iteration {run.it}: saved {out / 'checkpoint.pth'}; the same command resumes")
+                log(out, {"type": "stopped", "it": run.it, "checkpoint": str(out / "checkpoint.pth")}, echo=False)
+                return 130
+            save_checkpoint(run, args, out / "checkpoint.pth") if is_main() else None
+            if args.eval_every and ((epoch + 1) % args.eval_every == 0 or epoch + 1 == args.epochs):
+                evaluate(run, train_items, val_items, args, device, epoch + 1, out)
+            if args.pause_after_epochs and epoch + 1 - start_epoch >= args.pause_after_epochs:
+                break
+    if is_main() and run.it == args.epochs * sampler.steps:  # finished, not paused
         torch.save(run.teacher_core.backbone.state_dict(), out / "teacher_backbone.pth")
         print(f"done: teacher backbone in {out / 'teacher_backbone.pth'}")
     return 0
