@@ -763,7 +763,8 @@ class StopRequest:
     """Ctrl-C or SIGTERM: finish the step, save, exit. A second Ctrl-C interrupts at once."""
 
     def __enter__(self):
-        self.requested, self.previous = False, {s: signal.signal(s, self.handle) for s in (signal.SIGINT, signal.SIGTERM)}
+        self.requested = False
+        self.previous = {s: signal.signal(s, self.handle) for s in (signal.SIGINT, signal.SIGTERM)}
         return self
 
     def __exit__(self, *exc):
