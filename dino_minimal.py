@@ -141,32 +141,43 @@ def color_jitter(x, on, g):
 
 
 def gaussian_blur(x, on, sigma_range, g):
-    """Separable Gaussian blur, sigma ~ U(sigma_range) per crop, on crops where `on`."""
-    n, _, h, w = x.shape
-    sigma = sigma_range[0] + (sigma_range[1] - sigma_range[0]) * torch.rand(n, generator=g)
+    """Separable Gaussian blur, sigma ~ U(sigma_range) per crop, of the crops where `on`."""
+    sigma = sigma_range[0] + (sigma_range[1] - sigma_range[0]) * torch.rand(x.shape[0], generator=g)
+    idx = on.nonzero().squeeze(1)  # only these crops are convolved: half the work on average
+    if len(idx) == 0:
+        return x
+    n, _, h, w = len(idx), *x.shape[1:]
     r = min(math.ceil(3 * sigma_range[1]), h - 1, w - 1)  # kernel radius covers 3 sigma
     t = torch.arange(-r, r + 1, dtype=torch.float32)
-    k = torch.exp(-t**2 / (2 * sigma[:, None] ** 2))  # (n, 2r+1)
-    k = torch.where(on[:, None].cpu(), k / k.sum(1, keepdim=True), (t == 0).float())  # delta = no blur
-    k = k.repeat_interleave(3, 0).to(x.device)  # (3n, 2r+1): one depthwise kernel per channel
-    y = F.pad(x.reshape(1, 3 * n, h, w), (r, r, 0, 0), mode="reflect")
+    k = torch.exp(-t**2 / (2 * sigma[idx, None] ** 2))  # (n, 2r+1)
+    k = (k / k.sum(1, keepdim=True)).repeat_interleave(3, 0).to(x.device)  # (3n, 2r+1): one per channel
+    y = F.pad(x[idx.to(x.device)].reshape(1, 3 * n, h, w), (r, r, 0, 0), mode="reflect")
     y = F.conv2d(y, k.view(3 * n, 1, 1, -1), groups=3 * n)  # horizontal pass
     y = F.conv2d(F.pad(y, (0, 0, r, r), mode="reflect"), k.view(3 * n, 1, -1, 1), groups=3 * n)
-    return y.view(n, 3, h, w)
+    return x.index_copy(0, idx.to(x.device), y.view(n, 3, h, w))
 
 
 def photometric(x, blur_p, solarize_p, sigma_range, g):
-    """Flip, jitter, grayscale, blur, solarize, normalize: x (n, 3, h, w) uint8 -> float. The
+    """Flip, jitter, grayscale, blur, solarize: x (n, 3, h, w) uint8 -> float in [0, 1]. The
     random draws come from the CPU generator g; the pixels stay on x's device."""
     n = x.shape[0]
     coin = lambda p: torch.rand(n, generator=g) < torch.as_tensor(p)  # noqa: E731  (n,) bools on the CPU
-    x = x.float() / 255
-    x = torch.where(coin(0.5).to(x.device).view(n, 1, 1, 1), x.flip(-1), x)  # horizontal flip
+    x = only_where(coin(0.5), x.float() / 255, lambda c: c.flip(-1))  # horizontal flip
     x = color_jitter(x, coin(0.8), g)
-    x = torch.where(coin(0.2).to(x.device).view(n, 1, 1, 1), to_gray(x).expand_as(x), x)
+    x = only_where(coin(0.2), x, lambda c: to_gray(c).expand_as(c))  # grayscale
     x = gaussian_blur(x, coin(blur_p), sigma_range, g)
-    x = torch.where(coin(solarize_p).to(x.device).view(n, 1, 1, 1) & (x >= 128 / 255), 1 - x, x)  # as PIL
+    return only_where(coin(solarize_p), x, lambda c: torch.where(c >= 128 / 255, 1 - c, c))  # as PIL solarize
+
+
+def normalize(x):
+    """ImageNet mean and std per channel, as the official ToTensor + Normalize."""
     return (x - x.new_tensor(IMAGENET_MEAN).view(1, 3, 1, 1)) / x.new_tensor(IMAGENET_STD).view(1, 3, 1, 1)
+
+
+def only_where(on, x, fn):
+    """fn on the crops where `on` (n,) only: most augmentations touch a fraction of the crops."""
+    idx = on.nonzero().squeeze(1).to(x.device)
+    return x.index_copy(0, idx, fn(x[idx])) if len(idx) else x
 
 
 def augment_views(views, sigma_range, g):
@@ -177,7 +188,7 @@ def augment_views(views, sigma_range, g):
         if last > first:
             p = torch.tensor([[BLUR_P[min(v, 2)], SOLARIZE_P[min(v, 2)]] for v in range(first, last)])  # (m, 2)
             p = p.repeat_interleave(n, 0)  # (m*n, 2): a row per crop
-            out += photometric(torch.cat(views[first:last]), p[:, 0], p[:, 1], sigma_range, g).split(n)
+            out += normalize(photometric(torch.cat(views[first:last]), p[:, 0], p[:, 1], sigma_range, g)).split(n)
     return out  # V tensors (n, 3, h, w), float, normalized
 
 
@@ -932,7 +943,7 @@ def benchmark(args):
     torch.set_num_threads(args.threads or os.cpu_count())
     batch = [torch.stack([s[0][v] for s in samples[:B]]).pin_memory() if device.type == "cuda" else
              torch.stack([s[0][v] for s in samples[:B]]) for v in range(2 + args.local_crops_number)]
-    run = build(args, device, iters_per_epoch=10 ** 6)
+    run = build(args, device, iters_per_epoch=100)  # schedules long enough for the timed steps
     step = lambda: train_step(run, prepare_views(batch, args, device, run.it), 1, args)  # noqa: E731
     for _ in range(args.bench_warmup):
         step()
