@@ -95,6 +95,20 @@ def expect_one_error_line(argv, capsys):
     return err.strip()
 
 
+def run_cli(argv, timeout):
+    """The command line in a subprocess (its own process group): (exit code, stdout, stderr). A run still
+    going after timeout seconds is killed with its loader workers and fails the test: it hung."""
+    proc = subprocess.Popen([sys.executable, str(SCRIPT), *map(str, argv)], env=ENV, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        pytest.fail(f"still running after {timeout} s: it hangs. stderr: {err[-2000:]}")
+    return proc.returncode, out, err
+
+
 def read_log(out):
     """The complete JSON lines of out/log.jsonl (a line still being written is left out)."""
     path = Path(out) / "log.jsonl"
@@ -759,15 +773,18 @@ def test_non_image_files_are_skipped_with_a_count(tiny_data, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("workers", [0, 2])
-def test_a_truncated_image_fails_with_one_line_naming_it(tiny_data, tmp_path, capsys, workers):
-    """Bad input: an image cut short is found when decoded: one line names it, whatever --num_workers."""
+def test_a_truncated_image_fails_with_one_line_naming_it(tiny_data, tmp_path, workers):
+    """Bad input: an image cut short is found when decoded (in a loader worker or not): the program ends
+    with one line naming it. Run as a command: a process left waiting for its workers would hang here."""
     data = tmp_path / "data"
     shutil.copytree(tiny_data, data)
     bad = data / "train" / "class1" / "002.png"
     bad.write_bytes(bad.read_bytes()[:200])
-    argv = tiny_argv(data, tmp_path / "out", "--batch_size_per_gpu", "4", "--num_workers", str(workers))
-    err = expect_one_error_line(argv, capsys)  # 9 steps of 4 decode all 36 training images
-    assert str(bad) in err
+    argv = tiny_argv(data, tmp_path / "out", "--batch_size_per_gpu", "4", "--num_workers", workers)
+    rc, out, err = run_cli(argv, timeout=90)  # 9 steps of 4 decode all 36 training images, in seconds
+    assert rc != 0
+    assert len(err.splitlines()) == 1 and err.startswith("error: ") and str(bad) in err, err
+    assert "Traceback" not in out + err
 
 
 def test_images_smaller_than_the_crops_and_too_small_a_dataset(tmp_path, capsys):
@@ -1053,10 +1070,9 @@ def test_official_checkpoints_map_onto_the_vit(prefix):
 def test_command_line_smoke_run_end_to_end(tmp_path):
     """The file's first command: it trains, logs loss, collapse diagnostics and k-NN, and saves weights."""
     out = tmp_path / "smoke"
-    proc = subprocess.run([sys.executable, str(SCRIPT), "--smoke", "--output_dir", str(out)], env=ENV,
-                          capture_output=True, text=True, timeout=300, check=False)
-    assert proc.returncode == 0, proc.stderr
-    assert proc.stderr == "" and "done: teacher backbone in" in proc.stdout
+    rc, stdout, stderr = run_cli(["--smoke", "--output_dir", out], timeout=300)
+    assert rc == 0 and stderr == "", stderr
+    assert "done: teacher backbone in" in stdout
     log = read_log(out)
     steps, knn = [r for r in log if r["type"] == "step"], [r for r in log if r["type"] == "knn"]
     assert steps and knn
