@@ -822,13 +822,7 @@ def evaluate(run, train_items, val_items, args, device, epoch, out):
 
 
 def train(args):
-    device = setup_device(args)
-    out = Path(args.output_dir)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / ".write_test").touch()
-    except OSError as e:
-        raise UsageError(f"cannot write to --output_dir {out} ({e.strerror}): pick another folder") from None
+    device, out = setup_device(args), Path(args.output_dir)
     train_items, val_items, classes = load_splits(args)
     sampler = EpochSampler(len(train_items), args.batch_size_per_gpu, dist.get_rank() if dist.is_initialized()
                            else 0, world_size(), args.seed)
@@ -1081,9 +1075,17 @@ def check_args(args):
     for name in positive:
         if getattr(args, name) is not None and getattr(args, name) <= 0:
             raise UsageError(f"--{name} must be > 0, got {getattr(args, name)}")
-    for name in ["local_crops_number", "num_workers", "eval_every", "warmup_epochs", "clip_grad", "lr"]:
+    for name in ["knn_k", "threads"]:
+        if getattr(args, name) is not None and getattr(args, name) <= 0:
+            raise UsageError(f"--{name} must be > 0, got {getattr(args, name)}")
+    for name in ["local_crops_number", "num_workers", "eval_every", "warmup_epochs", "clip_grad", "lr",
+                 "warmup_teacher_temp_epochs", "pause_after_epochs", "freeze_last_layer", "min_lr"]:
         if getattr(args, name) < 0:
             raise UsageError(f"--{name} must be >= 0, got {getattr(args, name)}")
+    if args.warmup_epochs > args.epochs:
+        raise UsageError(f"--warmup_epochs {args.warmup_epochs} is longer than --epochs {args.epochs}")
+    if not 0 <= args.drop_path_rate < 1:
+        raise UsageError(f"--drop_path_rate must lie in [0, 1), got {args.drop_path_rate}")
     for name in ["global_crops_scale", "local_crops_scale"]:
         lo, hi = getattr(args, name)
         if not 0 < lo <= hi <= 1:
@@ -1102,6 +1104,11 @@ def main(argv=None):
         args = parse_args(argv)
         if args.threads:
             torch.set_num_threads(args.threads)
+        try:
+            Path(args.output_dir).mkdir(parents=True, exist_ok=True)
+            (Path(args.output_dir) / ".write_test").touch()
+        except OSError as e:
+            raise UsageError(f"cannot write to --output_dir {args.output_dir} ({e.strerror}): pick another folder")
         if args.smoke and args.data is None:
             args.data = make_synthetic_images(Path(args.output_dir) / "smoke_data")
         if args.benchmark:
@@ -1112,8 +1119,8 @@ def main(argv=None):
         if args.download:
             args.data = download_imagenette(args.data)
         return train(args)
-    except UsageError as e:
-        print(f"error: {e}", file=sys.stderr)
+    except UsageError as e:  # from a loader worker the message ends with "...UsageError: <message>"
+        print(f"error: {str(e).strip().splitlines()[-1].split('UsageError: ')[-1]}", file=sys.stderr)
         return 2
     except FloatingPointError as e:
         print(f"error: {e}; the last good checkpoint is kept in {args.output_dir}. Try --precision fp32, "
@@ -1125,4 +1132,8 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    code = main()
+    if code:  # after an error or a stop, do not wait on loader workers: they see their parent exit and follow
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
