@@ -842,18 +842,24 @@ def train(args):
         evaluate(run, train_items, val_items, args, device, 0, out)
     start_epoch = run.it // sampler.steps
     with StopRequest() as stop:
-        for epoch in range(start_epoch, args.epochs):
-            if not train_one_epoch(run, loader, sampler, epoch, args, device, out, stop):
-                if is_main():
-                    save_checkpoint(run, args, out / "checkpoint.pth")
-                    print(f"stopped at iteration {run.it}: saved {out / 'checkpoint.pth'}; the same command resumes")
-                log(out, {"type": "stopped", "it": run.it, "checkpoint": str(out / "checkpoint.pth")}, echo=False)
-                return 130
-            save_checkpoint(run, args, out / "checkpoint.pth") if is_main() else None
-            if args.eval_every and ((epoch + 1) % args.eval_every == 0 or epoch + 1 == args.epochs):
-                evaluate(run, train_items, val_items, args, device, epoch + 1, out)
-            if args.pause_after_epochs and epoch + 1 - start_epoch >= args.pause_after_epochs:
-                break
+        try:
+            for epoch in range(start_epoch, args.epochs):
+                if not train_one_epoch(run, loader, sampler, epoch, args, device, out, stop):
+                    if is_main():
+                        save_checkpoint(run, args, out / "checkpoint.pth")
+                        print(f"stopped at iteration {run.it}: saved {out / 'checkpoint.pth'}; "
+                              "the same command resumes")
+                    log(out, {"type": "stopped", "it": run.it, "checkpoint": str(out / "checkpoint.pth")},
+                        echo=False)
+                    return 130
+                save_checkpoint(run, args, out / "checkpoint.pth") if is_main() else None
+                if args.eval_every and ((epoch + 1) % args.eval_every == 0 or epoch + 1 == args.epochs):
+                    evaluate(run, train_items, val_items, args, device, epoch + 1, out)
+                if args.pause_after_epochs and epoch + 1 - start_epoch >= args.pause_after_epochs:
+                    break
+        finally:  # the workers ignore SIGTERM (ignore_signals): end them through their queues, always
+            if getattr(loader, "_iterator", None) is not None:
+                loader._iterator._shutdown_workers()
     if is_main() and run.it == args.epochs * sampler.steps:  # finished, not paused
         torch.save(run.teacher_core.backbone.state_dict(), out / "teacher_backbone.pth")
         print(f"done: teacher backbone in {out / 'teacher_backbone.pth'}")

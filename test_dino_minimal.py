@@ -1,6 +1,6 @@
 r"""Tests of dino_minimal.py: each one proves a claim of the paper (Caron et al. 2021) or of the file.
 
-    python -m pytest -q test_dino_minimal.py        # about two minutes on a 2-core CPU
+    python -m pytest -q test_dino_minimal.py        # about 1 minute on an idle 2-core CPU
 
 Sections follow dino_minimal.py. Unit tests build tensors directly; property tests (hypothesis) draw
 shapes, temperatures and logits from tiny to huge; whole-program tests run main() or the command
@@ -95,10 +95,14 @@ def expect_one_error_line(argv, capsys):
     return err.strip()
 
 
-def run_cli(argv, timeout, env=ENV):
+def run_cli(argv, timeout, env=ENV, from_python=False):
     """The command line in a subprocess (its own process group): (exit code, stdout, stderr). A run still
-    going after timeout seconds is killed with its loader workers and fails the test: it hung."""
-    proc = subprocess.Popen([sys.executable, str(SCRIPT), *map(str, argv)], env=env, stdout=subprocess.PIPE,
+    going after timeout seconds is killed with its loader workers and fails the test: it hung.
+    from_python: main(argv) called by a Python program that then ends, as a notebook's kernel does."""
+    program = (f"import sys; sys.path.insert(0, {str(SCRIPT.parent)!r}); import dino_minimal; "
+               "sys.exit(dino_minimal.main(sys.argv[1:]))")
+    caller = ["-c", program] if from_python else [str(SCRIPT)]
+    proc = subprocess.Popen([sys.executable, *caller, *map(str, argv)], env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
         out, err = proc.communicate(timeout=timeout)
@@ -772,16 +776,17 @@ def test_non_image_files_are_skipped_with_a_count(tiny_data, tmp_path, capsys):
     assert "skipped 2 files that are not images" in out
 
 
-@pytest.mark.parametrize("workers", [0, 2])
-def test_a_truncated_image_fails_with_one_line_naming_it(tiny_data, tmp_path, workers):
+@pytest.mark.parametrize("workers,from_python", [(0, False), (2, False), (2, True)],
+                         ids=["command", "command, 2 workers", "main() from Python, 2 workers"])
+def test_a_truncated_image_fails_with_one_line_naming_it(tiny_data, tmp_path, workers, from_python):
     """Bad input: an image cut short is found when decoded (in a loader worker or not): the program ends
-    with one line naming it. Run as a command: a process left waiting for its workers would hang here."""
+    with one line naming it. In a subprocess: a process left waiting for its workers would hang here."""
     data = tmp_path / "data"
     shutil.copytree(tiny_data, data)
     bad = data / "train" / "class1" / "002.png"
     bad.write_bytes(bad.read_bytes()[:200])
     argv = tiny_argv(data, tmp_path / "out", "--batch_size_per_gpu", "4", "--num_workers", workers)
-    rc, out, err = run_cli(argv, timeout=60)  # 9 steps of 4 decode all 36 training images, in seconds
+    rc, out, err = run_cli(argv, timeout=60, from_python=from_python)  # 9 steps of 4 decode all 36 images
     assert rc != 0
     assert len(err.splitlines()) == 1 and err.startswith("error: ") and str(bad) in err, err
     assert "Traceback" not in out + err
@@ -996,7 +1001,7 @@ def test_sigkill_mid_epoch_leaves_a_loadable_checkpoint_and_the_rerun_finishes(d
 
 
 class PowerCut(BaseException):
-    """The process dies here: nothing after it runs (no except clause catches a BaseException like it)."""
+    """The process dies here: dino_minimal catches no BaseException, so nothing after it runs."""
 
 
 def test_a_kill_inside_the_save_leaves_the_previous_checkpoint_whole(tiny_data, tmp_path, monkeypatch):
