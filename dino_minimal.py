@@ -1113,6 +1113,7 @@ def main(argv=None):
         try:
             Path(args.output_dir).mkdir(parents=True, exist_ok=True)
             (Path(args.output_dir) / ".write_test").touch()
+            (Path(args.output_dir) / ".write_test").unlink()  # the probe leaves nothing behind
         except OSError as e:
             raise UsageError(f"cannot write to --output_dir {args.output_dir} ({e.strerror}): pick another folder")
         if args.smoke and args.data is None:
