@@ -392,10 +392,11 @@ def build_vit(args, drop_path_rate=0.0):
 class DINOHead(nn.Module):
     """3-layer MLP (D -> 2048 -> 2048 -> 256), L2 normalization, weight-normalized Linear to K."""
 
-    def __init__(self, in_dim, out_dim, hidden=2048, bottleneck=256, norm_last_layer=True):
+    def __init__(self, in_dim, out_dim, hidden=2048, bottleneck=256, norm_last_layer=True, use_bn=False):
         super().__init__()
-        self.mlp = nn.Sequential(nn.Linear(in_dim, hidden), nn.GELU(), nn.Linear(hidden, hidden),
-                                 nn.GELU(), nn.Linear(hidden, bottleneck))
+        bn = lambda: [nn.BatchNorm1d(hidden)] if use_bn else []  # noqa: E731  official --use_bn_in_head
+        self.mlp = nn.Sequential(nn.Linear(in_dim, hidden), *bn(), nn.GELU(), nn.Linear(hidden, hidden),
+                                 *bn(), nn.GELU(), nn.Linear(hidden, bottleneck))
         self.mlp.apply(init_linear)
         # $W = g \, V / \lVert V \rVert$ per output row; with g fixed to 1 (norm_last_layer) every
         # logit is a cosine similarity in [-1, 1] between the bottleneck and a prototype
@@ -478,8 +479,8 @@ class Schedules:
         self.wd = cosine_schedule(args.weight_decay, args.weight_decay_end, E, n)
         self.momentum = cosine_schedule(args.momentum_teacher, 1.0, E, n)  # lambda: 0.996 -> 1
         w = min(args.warmup_teacher_temp_epochs, E)  # tau_t: linear warmup, then constant
-        self.teacher_temp = (torch.linspace(args.warmup_teacher_temp, args.teacher_temp, w).tolist()
-                             + [args.teacher_temp] * (E - w))
+        warm = torch.linspace(args.warmup_teacher_temp, args.teacher_temp, w, dtype=torch.float64)
+        self.teacher_temp = warm.tolist() + [args.teacher_temp] * (E - w)
 
 
 @torch.no_grad()
@@ -678,8 +679,11 @@ def build(args, device, iters_per_epoch):
     """Student, teacher (an independent copy, never given gradients), loss, optimizer, schedules."""
     student = MultiCropNet(build_vit(args, args.drop_path_rate),
                            DINOHead(args.embed_dim or ARCHS[args.arch][0], args.out_dim, args.head_hidden_dim,
-                                    args.bottleneck_dim, args.norm_last_layer)).to(device)
+                                    args.bottleneck_dim, args.norm_last_layer, args.use_bn_in_head)).to(device)
+    if dist.is_initialized() and device.type == "cuda":  # BatchNorm in the head, if any, over all GPUs
+        student = nn.SyncBatchNorm.convert_sync_batchnorm(student)
     teacher = copy.deepcopy(student).eval().requires_grad_(False)  # eval(): no drop-path in the teacher
+    teacher.head.train()  # but, as official, BatchNorm in the head (if any) uses the batch's statistics
     dino_loss = DINOLoss(args.out_dim, args.student_temp, args.center_momentum).to(device)
     opt = build_optimizer(student, device)
     scaler = torch.amp.GradScaler(device.type, enabled=args.precision == "fp16")
@@ -728,7 +732,7 @@ def train_step(run, views, epoch, args):
 # 9. Checkpoints (atomic, exact resume), logging, and the training loop
 # ----------------------------------------------------------------------------------------------
 ARCH_FLAGS = ("arch", "patch_size", "embed_dim", "depth", "num_heads", "out_dim", "head_hidden_dim",
-              "bottleneck_dim", "norm_last_layer")
+              "bottleneck_dim", "norm_last_layer", "use_bn_in_head")
 
 
 def save_checkpoint(run, args, path):
@@ -1001,6 +1005,7 @@ FLAGS = [
     ("head_hidden_dim", 2048, "width of the head's 3-layer MLP"),
     ("bottleneck_dim", 256, "the L2-normalized bottleneck before the prototypes"),
     ("norm_last_layer", True, "fix the prototypes' weight-norm gain to 1: stabler; False trains better, riskier"),
+    ("use_bn_in_head", False, "BatchNorm in the head's MLP (official option, off for ViTs); helps a short run start"),
     ("drop_path_rate", 0.1, "stochastic depth of the student, growing linearly with depth"),
     # teacher, centering, sharpening
     ("momentum_teacher", 0.996, "lambda at start, cosine to 1; raise it (0.9995 at batch 256) for small batches"),
@@ -1043,6 +1048,7 @@ FLAGS = [
 ]
 CHOICES = {"arch": sorted(ARCHS), "preset": ["smoke", "laptop"], "precision": ["auto", "bf16", "fp16", "fp32"]}
 INTS = {"embed_dim", "depth", "num_heads", "threads"}  # None by default, else whole numbers
+YES_NO = {"use_bn_in_head"}  # False by default, but a preset may turn them on: yes/no, not a switch
 
 
 def get_args_parser():
@@ -1050,7 +1056,8 @@ def get_args_parser():
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     yes_no = lambda s: s.lower() in ("1", "true", "yes")  # noqa: E731
     for name, default, why in FLAGS:
-        kind = ({"action": "store_true"} if default is False else {"type": yes_no} if default is True else
+        kind = ({"action": "store_true"} if default is False and name not in YES_NO else
+                {"type": yes_no} if isinstance(default, bool) else
                 {"type": float, "nargs": 2} if isinstance(default, tuple) else
                 {"type": int if name in INTS else str} if default is None else {"type": type(default)})
         kind |= {"choices": CHOICES[name]} if name in CHOICES else {}

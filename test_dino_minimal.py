@@ -414,6 +414,21 @@ def test_head_gain_trains_without_norm_last_layer():
     assert head.last_layer.parametrizations.weight.original0.requires_grad
 
 
+def test_head_batchnorm_keeps_official_names_and_uses_batch_statistics_in_the_teacher():
+    """--use_bn_in_head: BatchNorm after each hidden Linear (official key names mlp.0, mlp.3, mlp.6); the
+    teacher, like the official one, normalizes its head with the batch's statistics, not running ones."""
+    args = dm.parse_args(["--smoke", "--use_bn_in_head", "true"])
+    run = dm.build(args, CPU, iters_per_epoch=4)
+    head = run.teacher_core.head
+    assert [type(m).__name__ for m in head.mlp] == ["Linear", "BatchNorm1d", "GELU"] * 2 + ["Linear"]
+    assert head.training and not run.teacher_core.backbone.training
+    x = randn(6, args.embed_dim, seed=0, scale=5.0) + 3.0
+    with torch.no_grad():
+        hidden = head.mlp[1](head.mlp[0](x))  # (6, hidden)
+    torch.testing.assert_close(hidden.mean(0), torch.zeros(args.head_hidden_dim), rtol=0, atol=1e-5)
+    assert not dm.parse_args(["--smoke"]).use_bn_in_head
+
+
 def test_head_deepcopy_is_an_independent_equal_copy():
     """The teacher is copy.deepcopy(student): it works with weight_norm, and shares no storage."""
     torch.manual_seed(0)
