@@ -345,6 +345,15 @@ def test_position_embedding_interpolation(n0, h, w):
     assert vit(x).shape == (2, 8)
 
 
+def test_one_vit_takes_224_and_96_pixel_crops():
+    """The paper's crop sizes through one ViT/16: 1 + 14 x 14 and 1 + 6 x 6 tokens, one CLS vector each."""
+    vit = dm.VisionTransformer(img_size=224, patch_size=16, dim=16, depth=1, heads=2).eval()
+    for size, grid in ((224, 14), (96, 6)):
+        x = torch.randn(2, 3, size, size)
+        assert vit.prepare_tokens(x).shape == (2, 1 + grid * grid, 16)
+        assert vit(x).shape == (2, 16) and torch.isfinite(vit(x)).all()
+
+
 @given(heads=st.sampled_from([1, 2, 4]), n=st.integers(1, 6), seed=st.integers(0, 1000))
 def test_attention_is_softmax_qkT_over_sqrt_d_times_v(heads, n, seed):
     """Attention: softmax(Q K^T / sqrt(d)) V per head, from the module's own qkv and proj weights."""
