@@ -143,18 +143,18 @@ def color_jitter(x, on, g):
 def gaussian_blur(x, on, sigma_range, g):
     """Separable Gaussian blur, sigma ~ U(sigma_range) per crop, of the crops where `on`."""
     sigma = sigma_range[0] + (sigma_range[1] - sigma_range[0]) * torch.rand(x.shape[0], generator=g)
-    idx = on.nonzero().squeeze(1)  # only these crops are convolved: half the work on average
-    if len(idx) == 0:
-        return x
-    n, _, h, w = len(idx), *x.shape[1:]
-    r = min(math.ceil(3 * sigma_range[1]), h - 1, w - 1)  # kernel radius covers 3 sigma
+    r = min(math.ceil(3 * sigma_range[1]), x.shape[-2] - 1, x.shape[-1] - 1)  # kernel radius covers 3 sigma
     t = torch.arange(-r, r + 1, dtype=torch.float32)
-    k = torch.exp(-t**2 / (2 * sigma[idx, None] ** 2))  # (n, 2r+1)
+    k = torch.exp(-t**2 / (2 * sigma[on, None] ** 2))  # (n, 2r+1) for the n crops that get blurred
     k = (k / k.sum(1, keepdim=True)).repeat_interleave(3, 0).to(x.device)  # (3n, 2r+1): one per channel
-    y = F.pad(x[idx.to(x.device)].reshape(1, 3 * n, h, w), (r, r, 0, 0), mode="reflect")
-    y = F.conv2d(y, k.view(3 * n, 1, 1, -1), groups=3 * n)  # horizontal pass
-    y = F.conv2d(F.pad(y, (0, 0, r, r), mode="reflect"), k.view(3 * n, 1, -1, 1), groups=3 * n)
-    return x.index_copy(0, idx.to(x.device), y.view(n, 3, h, w))
+
+    def blur(c):  # (n, 3, h, w): the crops where `on`, in order
+        n, _, h, w = c.shape
+        y = F.pad(c.reshape(1, 3 * n, h, w), (r, r, 0, 0), mode="reflect")
+        y = F.conv2d(y, k.view(3 * n, 1, 1, -1), groups=3 * n)  # horizontal pass
+        y = F.conv2d(F.pad(y, (0, 0, r, r), mode="reflect"), k.view(3 * n, 1, -1, 1), groups=3 * n)
+        return y.view(n, 3, h, w)
+    return only_where(on, x, blur)
 
 
 def photometric(x, blur_p, solarize_p, sigma_range, g):
@@ -1092,11 +1092,8 @@ def check_args(args):
     """Refuse impossible flags before any work is done."""
     positive = ["patch_size", "out_dim", "batch_size_per_gpu", "epochs", "global_crop_size", "local_crop_size",
                 "teacher_temp", "warmup_teacher_temp", "student_temp", "log_every", "head_hidden_dim",
-                "bottleneck_dim", "embed_dim", "depth", "num_heads"]
+                "bottleneck_dim", "embed_dim", "depth", "num_heads", "knn_k", "threads"]
     for name in positive:
-        if getattr(args, name) is not None and getattr(args, name) <= 0:
-            raise UsageError(f"--{name} must be > 0, got {getattr(args, name)}")
-    for name in ["knn_k", "threads"]:
         if getattr(args, name) is not None and getattr(args, name) <= 0:
             raise UsageError(f"--{name} must be > 0, got {getattr(args, name)}")
     for name in ["local_crops_number", "num_workers", "eval_every", "warmup_epochs", "clip_grad", "lr",
