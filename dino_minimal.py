@@ -32,7 +32,9 @@ Where this file departs from the official code (facebookresearch/dino), and why:
 - Randomness is a pure function of (seed, epoch, image) for augmentations and (seed, iteration)
   for the network, so resuming is bitwise exact and results do not depend on --num_workers.
 - Runs on a CPU, one GPU without torch.distributed, or several through torchrun; bf16 autocast
-  replaces fp16 by default on CUDA (--precision); the k-NN monitor runs inside training.
+  replaces fp16 (--precision), by default on GPUs and on CPUs with bf16 units; the k-NN monitor
+  runs inside training. Section 10, the speed layer, holds every choice made only for speed;
+  --speed_layer false runs the plain code (explicit attention, fp32, for-loop AdamW).
 - Defaults are the official main_dino.py's (ImageNet, 16 GPUs x 64). On one GPU and ~10k images
   consider: --out_dim 4096 or 16384 (smaller K converges faster on small data, App. C), and
   --momentum_teacher 0.9995 for small batches (official advice). --preset laptop holds the
@@ -279,6 +281,8 @@ def drop_path(x, p, training):
 
 
 class Attention(nn.Module):
+    fused = True  # F.scaled_dot_product_attention; set by the speed layer (section 10)
+
     def __init__(self, dim, heads):
         super().__init__()
         self.heads = heads
@@ -288,11 +292,14 @@ class Attention(nn.Module):
     def forward(self, x, return_attention=False):
         B, N, D = x.shape
         q, k, v = self.qkv(x).view(B, N, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)  # 3 x (B, h, N, d)
-        if return_attention:
-            # $A = \mathrm{softmax}(Q K^\top / \sqrt{d})$, spelled out for the attention maps (Fig. 1)
-            return (q @ k.transpose(-2, -1) * (D // self.heads) ** -0.5).softmax(-1)  # (B, h, N, N)
-        # $\mathrm{softmax}(Q K^\top / \sqrt{d}) V$ through one fused kernel (flash attention on GPU)
-        x = F.scaled_dot_product_attention(q, k, v)  # (B, h, N, d)
+        if self.fused and not return_attention:
+            x = F.scaled_dot_product_attention(q, k, v)  # the lines below in one kernel (flash attention)
+        else:
+            # $A = \mathrm{softmax}(Q K^\top / \sqrt{d})$, the softmax in fp32 as under CUDA autocast
+            attn = (q @ k.transpose(-2, -1) * (D // self.heads) ** -0.5).softmax(-1, dtype=torch.float32)
+            if return_attention:
+                return attn  # (B, h, N, N): the attention maps of Fig. 1
+            x = attn.to(v.dtype) @ v  # $A V$, (B, h, N, d)
         return self.proj(x.transpose(1, 2).reshape(B, N, D))  # (B, N, D)
 
 
@@ -540,9 +547,10 @@ def knn_classify(train_f, train_y, test_f, test_y, k=20, T=0.07, chunk=1024):
     return 100.0 * correct / len(test_f)
 
 
-def knn_accuracy(fn, train_items, val_items, args, device):
-    train = extract_features(fn, train_items, args.global_crop_size, device, workers=args.num_workers)
-    val = extract_features(fn, val_items, args.global_crop_size, device, workers=args.num_workers)
+def knn_accuracy(fn, train_items, val_items, args, device, autocast=None):
+    with autocast or nullcontext():  # the features in the training precision, the cosines in fp32
+        train = extract_features(fn, train_items, args.global_crop_size, device, workers=args.num_workers)
+        val = extract_features(fn, val_items, args.global_crop_size, device, workers=args.num_workers)
     return knn_classify(*train, *val, k=args.knn_k, T=args.knn_temperature)
 
 
@@ -661,14 +669,15 @@ def setup_device(args):
     return torch.device(args.device)
 
 
-def build_optimizer(model, device):
+def build_optimizer(model, device, fast=True):
     """AdamW; weight decay on weights only (not on biases and 1-D parameters such as norms)."""
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         if p.requires_grad:
             (no_decay if name.endswith(".bias") or p.ndim == 1 else decay).append(p)
     groups = [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=0.0, fused=device.type == "cuda", foreach=device.type != "cuda" or None)
+    fused = fast and device.type == "cuda"  # speed layer: one kernel (GPU) or a few per group (CPU)
+    return torch.optim.AdamW(groups, lr=0.0, fused=fused, foreach=fast and not fused)
 
 
 def clip_gradients(model, clip):
@@ -680,6 +689,7 @@ def clip_gradients(model, clip):
 
 def build(args, device, iters_per_epoch):
     """Student, teacher (an independent copy, never given gradients), loss, optimizer, schedules."""
+    configure_speed(args, device)  # precision and attention kernel (section 10)
     student = MultiCropNet(build_vit(args, args.drop_path_rate),
                            DINOHead(args.embed_dim or ARCHS[args.arch][0], args.out_dim, args.head_hidden_dim,
                                     args.bottleneck_dim, args.norm_last_layer, args.use_bn_in_head)).to(device)
@@ -688,7 +698,7 @@ def build(args, device, iters_per_epoch):
     teacher = copy.deepcopy(student).eval().requires_grad_(False)  # eval(): no drop-path in the teacher
     teacher.head.train()  # but, as official, BatchNorm in the head (if any) uses the batch's statistics
     dino_loss = DINOLoss(args.out_dim, args.student_temp, args.center_momentum).to(device)
-    opt = build_optimizer(student, device)
+    opt = build_optimizer(student, device, args.speed_layer)
     scaler = torch.amp.GradScaler(device.type, enabled=args.precision == "fp16")
     run = argparse.Namespace(student=student, teacher=teacher, dino_loss=dino_loss, opt=opt,
                              scaler=scaler, sched=Schedules(args, iters_per_epoch, world_size()), it=0)
@@ -821,8 +831,7 @@ def prepare_views(views, args, device, it):
 def evaluate(run, train_items, val_items, args, device, epoch, out):
     """Weighted k-NN of the teacher's CLS features (rank 0; the others wait)."""
     if is_main() and val_items:
-        with run.autocast:
-            acc = knn_accuracy(run.teacher_core.backbone, train_items, val_items, args, device)
+        acc = knn_accuracy(run.teacher_core.backbone, train_items, val_items, args, device, run.autocast)
         log(out, {"type": "knn", "epoch": epoch, "it": run.it, "knn_top1": acc})
     if dist.is_initialized():
         dist.barrier()
@@ -844,7 +853,7 @@ def train(args):
         print(f"{len(train_items)} training / {len(val_items)} k-NN query images, {len(classes)} classes; "
               f"student {sum(p.numel() for p in run.core.parameters()) / 1e6:.2f}M parameters; "
               f"views 2 x {args.global_crop_size} px + {args.local_crops_number} x {args.local_crop_size} px; "
-              f"{sampler.steps} iterations per epoch on {world_size()} x {device}")
+              f"{sampler.steps} iterations per epoch on {world_size()} x {device} in {args.precision}")
     if run.it == 0 and args.eval_every:  # the baseline: the same network at random initialization
         evaluate(run, train_items, val_items, args, device, 0, out)
     start_epoch = run.it // sampler.steps
@@ -894,36 +903,24 @@ def train_one_epoch(run, loader, sampler, epoch, args, device, out, stop):
 
 
 # ----------------------------------------------------------------------------------------------
-# 10. Released weights, benchmark, command line
+# 10. The speed layer: choices that change the speed, never the algorithm. --speed_layer false
+#     runs the plain code above (explicit attention, fp32, for-loop AdamW); the tests run both.
 # ----------------------------------------------------------------------------------------------
-OFFICIAL_URLS = {(16, "vit_small"): "dino_deitsmall16_pretrain/dino_deitsmall16_pretrain.pth",
-                 (8, "vit_small"): "dino_deitsmall8_pretrain/dino_deitsmall8_pretrain.pth",
-                 (16, "vit_base"): "dino_vitbase16_pretrain/dino_vitbase16_pretrain.pth",
-                 (8, "vit_base"): "dino_vitbase8_pretrain/dino_vitbase8_pretrain.pth"}
+def native_bf16(device):
+    """GPUs, and CPUs with bf16 matrix units (AVX512-BF16, AMX): elsewhere bf16 is emulated, slow."""
+    if device.type == "cpu" and Path("/proc/cpuinfo").exists():
+        flags = Path("/proc/cpuinfo").read_text()
+        return " avx512_bf16" in flags or " amx_bf16" in flags  # 2.8x fp32's matmul rate on Zen 4
+    return device.type == "cuda"
 
 
-def official_state_dict(state):
-    """Map a released or official-training checkpoint onto this file's VisionTransformer: take
-    the teacher if it is a full checkpoint, strip "module." and "backbone.", drop the head."""
-    state = state.get("teacher", state)
-    state = {k.removeprefix("module.").removeprefix("backbone."): v for k, v in state.items()}
-    return {k: v for k, v in state.items() if not k.startswith("head.")}
-
-
-def load_official_weights(arch="vit_small", patch_size=16, path=None):
-    """A VisionTransformer with the released DINO weights, from path or the official URL."""
-    dim, depth, heads = ARCHS[arch]
-    model = VisionTransformer(224, patch_size, dim, depth, heads)
-    if path is None:
-        url = "https://dl.fbaipublicfiles.com/dino/" + OFFICIAL_URLS[(patch_size, arch)]
-        try:
-            state = torch.hub.load_state_dict_from_url(url, map_location="cpu")
-        except OSError as e:
-            raise UsageError(f"could not fetch {url} ({type(e).__name__}): download it and pass its path") from None
-    else:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    model.load_state_dict(official_state_dict(state))
-    return model.eval()
+def configure_speed(args, device):
+    """bf16 autocast where the hardware has it (the official code uses fp16 on GPUs), and the
+    attention kernel: SDPA everywhere except on a CPU in bf16, where PyTorch's flash kernel
+    measured 3-6x slower than the explicit two matrix products (README, Performance)."""
+    if args.precision == "auto":
+        args.precision = "bf16" if args.speed_layer and native_bf16(device) else "fp32"
+    Attention.fused = args.speed_layer and not (device.type == "cpu" and args.precision == "bf16")
 
 
 def benchmark(args):
@@ -968,6 +965,40 @@ def benchmark(args):
               "pipeline_img_per_s_per_worker": 1 / per_image}
     print(json.dumps(result))
     return result
+
+
+
+# ----------------------------------------------------------------------------------------------
+# 11. Released weights and the command line
+# ----------------------------------------------------------------------------------------------
+OFFICIAL_URLS = {(16, "vit_small"): "dino_deitsmall16_pretrain/dino_deitsmall16_pretrain.pth",
+                 (8, "vit_small"): "dino_deitsmall8_pretrain/dino_deitsmall8_pretrain.pth",
+                 (16, "vit_base"): "dino_vitbase16_pretrain/dino_vitbase16_pretrain.pth",
+                 (8, "vit_base"): "dino_vitbase8_pretrain/dino_vitbase8_pretrain.pth"}
+
+
+def official_state_dict(state):
+    """Map a released or official-training checkpoint onto this file's VisionTransformer: take
+    the teacher if it is a full checkpoint, strip "module." and "backbone.", drop the head."""
+    state = state.get("teacher", state)
+    state = {k.removeprefix("module.").removeprefix("backbone."): v for k, v in state.items()}
+    return {k: v for k, v in state.items() if not k.startswith("head.")}
+
+
+def load_official_weights(arch="vit_small", patch_size=16, path=None):
+    """A VisionTransformer with the released DINO weights, from path or the official URL."""
+    dim, depth, heads = ARCHS[arch]
+    model = VisionTransformer(224, patch_size, dim, depth, heads)
+    if path is None:
+        url = "https://dl.fbaipublicfiles.com/dino/" + OFFICIAL_URLS[(patch_size, arch)]
+        try:
+            state = torch.hub.load_state_dict_from_url(url, map_location="cpu")
+        except OSError as e:
+            raise UsageError(f"could not fetch {url} ({type(e).__name__}): download it and pass its path") from None
+    else:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    model.load_state_dict(official_state_dict(state))
+    return model.eval()
 
 
 PRESETS = {
@@ -1040,7 +1071,8 @@ FLAGS = [
     ("local_crops_number", 8, "L local views; 0 disables multi-crop (Table 8: 2x224+10x96 best)"),
     ("blur_sigma", (0.1, 2.0), "Gaussian blur sigma range in pixels, as official"),
     # running
-    ("precision", "auto", "auto = bf16 autocast on CUDA, fp32 elsewhere (bf16 is slow on CPUs); fp32 if NaN"),
+    ("precision", "auto", "auto = bf16 autocast on GPUs and bf16-capable CPUs, else fp32; fp32 if NaN"),
+    ("speed_layer", True, "section 10: fused attention, foreach/fused AdamW, bf16 where native; false = plain"),
     ("augment_on_device", False, "workers only decode and crop; colour, blur, ... run batched on the GPU"),
     ("compile", False, "torch.compile the student and teacher (faster on a GPU, minutes to compile)"),
     ("seed", 0, "same seed, same flags: bitwise-equal weights on the CPU"),
@@ -1080,8 +1112,6 @@ def parse_args(argv=None):
     if preset:
         parser.set_defaults(**PRESETS[preset])
     args = parser.parse_args(argv)
-    args.precision = ("bf16" if torch.cuda.is_available() and args.device in ("auto", "cuda") else "fp32"
-                      ) if args.precision == "auto" else args.precision
     args.global_crops_scale, args.local_crops_scale = tuple(args.global_crops_scale), tuple(args.local_crops_scale)
     args.blur_sigma = tuple(args.blur_sigma)
     check_args(args)

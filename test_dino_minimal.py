@@ -40,6 +40,9 @@ settings.load_profile("ci")
 # when other jobs use the cores). Subprocesses get the same through OMP_NUM_THREADS.
 torch.set_num_threads(1)
 SCRIPT = Path(__file__).resolve().parent / "dino_minimal.py"
+# Algorithm 1's exact checks hold in fp32: in this process --precision auto means fp32 even on a CPU with
+# bf16 units; the speed layer's bf16 path has tests of its own (section 10 below).
+dm.native_bf16 = lambda device: False
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 EPS32 = torch.finfo(torch.float32).eps
 CPU = torch.device("cpu")
@@ -111,6 +114,16 @@ def run_cli(argv, timeout, env=ENV, from_python=False):
         out, err = proc.communicate()
         pytest.fail(f"still running after {timeout} s: it hangs. stderr: {err[-2000:]}")
     return proc.returncode, out, err
+
+
+@contextlib.contextmanager
+def attention_kernel(fused):
+    """Attention through F.scaled_dot_product_attention (True) or the explicit formula (False)."""
+    before, dm.Attention.fused = dm.Attention.fused, fused
+    try:
+        yield
+    finally:
+        dm.Attention.fused = before
 
 
 def read_log(out):
@@ -371,9 +384,11 @@ def test_attention_is_softmax_qkT_over_sqrt_d_times_v(heads, n, seed):
             maps.append(a)
             outs.append(a @ v)
         expected = torch.cat(outs, dim=-1) @ attn.proj.weight.T + attn.proj.bias
-        torch.testing.assert_close(attn(x), expected, rtol=1e-5, atol=1e-6)
-        a = attn(x, return_attention=True)
-        torch.testing.assert_close(a, torch.stack(maps, dim=1), rtol=1e-5, atol=1e-6)
+        for fused in (True, False):  # the speed layer's kernel and the explicit formula
+            with attention_kernel(fused):
+                torch.testing.assert_close(attn(x), expected, rtol=1e-5, atol=1e-6)
+                a = attn(x, return_attention=True)
+                torch.testing.assert_close(a, torch.stack(maps, dim=1), rtol=1e-5, atol=1e-6)
 
 
 def test_last_selfattention_is_a_distribution_over_tokens():
@@ -1106,7 +1121,52 @@ def test_unwritable_output_dir_is_one_error_line(tiny_data, tmp_path, capsys, sm
 
 
 # ----------------------------------------------------------------------------------------------
-# 10. Released weights, the command line, several processes (torchrun)
+# 10. The speed layer: on or off, the same algorithm
+# ----------------------------------------------------------------------------------------------
+def test_speed_layer_off_is_the_plain_code():
+    """--speed_layer false: the explicit attention formula, fp32, AdamW without foreach or fused kernels."""
+    args = dm.parse_args(["--smoke", "--speed_layer", "false"])
+    with attention_kernel(True):
+        run = dm.build(args, CPU, iters_per_epoch=4)
+        assert not dm.Attention.fused and args.precision == "fp32" and not isinstance(run.autocast, torch.autocast)
+    assert all(not g["foreach"] and not g["fused"] for g in run.opt.param_groups)
+
+
+def one_step(tiny_data, *flags):
+    """The student's weights before and after one training step of the smoke model on tiny_data."""
+    args = dm.parse_args(["--smoke", "--warmup_epochs", "0", "--freeze_last_layer", "0", *flags])
+    torch.manual_seed(0)
+    with attention_kernel(True):
+        run = dm.build(args, CPU, iters_per_epoch=4)
+        before = copy.deepcopy(run.core.state_dict())
+        loss, _, _ = dm.train_step(run, batch_views(tiny_data, args), 0, args)
+    return before, run.core.state_dict(), loss.item()
+
+
+def distance(a, b):
+    return math.sqrt(sum(((a[k] - b[k]).double() ** 2).sum().item() for k in a))
+
+
+def test_a_train_step_is_the_same_with_the_speed_layer_on_and_off(tiny_data):
+    """fp32, speed layer on (SDPA, foreach AdamW) or off: the same step up to float rounding, far below its size."""
+    init, on, loss_on = one_step(tiny_data, "--precision", "fp32")
+    init_off, off, loss_off = one_step(tiny_data, "--precision", "fp32", "--speed_layer", "false")
+    assert_state_equal(init, init_off, "initial weights")
+    assert abs(loss_on - loss_off) <= 1e-5 * loss_off
+    assert distance(on, off) < 1e-3 * distance(on, init)
+
+
+def test_a_bf16_step_on_the_cpu_follows_the_fp32_step(tiny_data):
+    """bf16 autocast (explicit attention on a CPU): the loss within bf16's rounding of fp32's, and a step
+    in the same direction, differing by much less than its own size."""
+    init, fp32, loss32 = one_step(tiny_data, "--precision", "fp32")
+    _, bf16, loss16 = one_step(tiny_data, "--precision", "bf16")
+    assert abs(loss16 - loss32) <= 2 ** -8 * loss32  # bf16 keeps 8 significant bits
+    assert distance(fp32, bf16) < 0.3 * distance(fp32, init)
+
+
+# ----------------------------------------------------------------------------------------------
+# 11. Released weights, the command line, several processes (torchrun)
 # ----------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("prefix", ["", "backbone.", "module.backbone."])
 def test_official_checkpoints_map_onto_the_vit(prefix):
@@ -1122,12 +1182,15 @@ def test_official_checkpoints_map_onto_the_vit(prefix):
     assert_state_equal(target.state_dict(), source.state_dict(), "vit")
 
 
-def test_command_line_smoke_run_end_to_end(tmp_path):
-    """The file's first command: it trains, logs loss, collapse diagnostics and k-NN, and saves weights."""
+@pytest.mark.parametrize("speed", [["--precision", "bf16"], ["--speed_layer", "false"]],
+                         ids=["speed layer, bf16", "plain fp32"])
+def test_command_line_smoke_run_end_to_end(tmp_path, speed):
+    """The file's first command: it trains, logs loss, collapse diagnostics and k-NN, and saves weights,
+    with the speed layer in bf16 (emulated on a CPU without bf16 units) and without the speed layer."""
     out = tmp_path / "smoke"
-    rc, stdout, stderr = run_cli(["--smoke", "--output_dir", out], timeout=300)
+    rc, stdout, stderr = run_cli(["--smoke", "--output_dir", out, *speed], timeout=300)
     assert rc == 0 and stderr == "", stderr
-    assert "done: teacher backbone in" in stdout
+    assert "done: teacher backbone in" in stdout and f"in {'bf16' if 'bf16' in speed else 'fp32'}" in stdout
     log = read_log(out)
     steps, knn = [r for r in log if r["type"] == "step"], [r for r in log if r["type"] == "knn"]
     assert steps and knn
@@ -1171,7 +1234,7 @@ def test_impossible_flags_are_one_error_line(tiny_data, tmp_path, capsys, flags)
 def test_torchrun_two_cpu_processes_match_one_process_with_twice_the_batch(tmp_path):
     """Distributed (gloo): 2 x B equals 1 x 2B: same center (mean over both processes' batches), same steps."""
     data = dm.make_synthetic_images(tmp_path / "data", classes=2, per_class=16, size=40, seed=2)  # 24 to train on
-    flags = ["--warmup_epochs", "0", "--drop_path_rate", "0"]  # 3 steps of 8 images, lr > 0 from the first
+    flags = ["--warmup_epochs", "0", "--drop_path_rate", "0", "--precision", "fp32"]  # 3 steps of 8, lr > 0
     two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                           str(SCRIPT), *tiny_argv(data, tmp_path / "two", "--batch_size_per_gpu", "4", *flags)],
                          env=ENV, capture_output=True, text=True, timeout=300, check=False)
@@ -1182,8 +1245,6 @@ def test_torchrun_two_cpu_processes_match_one_process_with_twice_the_batch(tmp_p
     assert two["it"] == one["it"] == 3
     torch.testing.assert_close(two["dino_loss"]["center"], one["dino_loss"]["center"], rtol=0, atol=1e-6)
 
-    def dist(a, b):
-        return math.sqrt(sum(((a[k] - b[k]).double() ** 2).sum().item() for k in a))
     # the same 3 steps up to float rounding (reduction order): far below the size of the steps themselves
-    assert dist(two["student"], one["student"]) < 1e-2 * dist(one["student"], init["student"])
-    assert dist(two["teacher"], one["teacher"]) < 1e-2 * dist(one["teacher"], init["teacher"])
+    assert distance(two["student"], one["student"]) < 1e-2 * distance(one["student"], init["student"])
+    assert distance(two["teacher"], one["teacher"]) < 1e-2 * distance(one["teacher"], init["teacher"])
