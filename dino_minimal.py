@@ -448,8 +448,10 @@ class DINOLoss(nn.Module):
         # $P_t(x) = \mathrm{softmax}((g_t(x) - C) / \tau_t)$: centering, then sharpening (tau_t < tau_s);
         # no gradient flows into the teacher (Algorithm 1: gt.detach())
         pt = F.softmax((teacher_out.float() - self.center) / teacher_temp, dim=-1).detach().view(2, B, -1)
-        # $H(P_t(x), P_s(x')) = -\sum_k P_t(x)_k \log P_s(x')_k$, batch-averaged, for all pairs
-        ce = -torch.einsum("tbk,vbk->tv", pt, log_ps) / B  # (2, V): teacher view x student view
+        # $H(P_t(x), P_s(x')) = -\sum_k P_t(x)_k \log P_s(x')_k$, batch-averaged, for all pairs;
+        # in fp32 even under autocast, which would run this product in bf16 (as official: fp32 sums)
+        with torch.autocast(student_out.device.type, enabled=False):
+            ce = -torch.einsum("tbk,vbk->tv", pt, log_ps) / B  # (2, V): teacher view x student view
         # $\sum_{x \in \{x^g_1, x^g_2\}} \sum_{x' \in V, x' \ne x}$: 2V - 2 pairs, never the same view
         pairs = ~torch.eye(2, V, dtype=torch.bool, device=ce.device)
         return ce[pairs].mean(), pt
@@ -707,8 +709,7 @@ def build(args, device, iters_per_epoch):
         run.student = nn.parallel.DistributedDataParallel(student)
     if args.compile:
         run.student, run.teacher = torch.compile(run.student), torch.compile(teacher)
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.precision)
-    run.autocast = torch.autocast(device.type, dtype=dtype) if dtype else nullcontext()
+    run.autocast = precision_context(args, device)
     return run
 
 
@@ -915,12 +916,20 @@ def native_bf16(device):
 
 
 def configure_speed(args, device):
-    """bf16 autocast where the hardware has it (the official code uses fp16 on GPUs), and the
-    attention kernel: SDPA everywhere except on a CPU in bf16, where PyTorch's flash kernel
-    measured 3-6x slower than the explicit two matrix products (README, Performance)."""
+    """--precision auto: bf16 autocast where the hardware has it (the official code uses fp16 on
+    GPUs). The attention kernel: SDPA everywhere except on a CPU in bf16, where PyTorch's flash
+    kernel measured 3-6x slower than the explicit two matrix products (README, Performance)."""
+    fast = getattr(args, "speed_layer", True)  # absent from older checkpoints' args
     if args.precision == "auto":
-        args.precision = "bf16" if args.speed_layer and native_bf16(device) else "fp32"
-    Attention.fused = args.speed_layer and not (device.type == "cpu" and args.precision == "bf16")
+        args.precision = "bf16" if fast and native_bf16(device) else "fp32"
+    Attention.fused = fast and not (device.type == "cpu" and args.precision == "bf16")
+
+
+def precision_context(args, device):
+    """The autocast context of --precision (auto resolved as in training), a no-op for fp32."""
+    configure_speed(args, torch.device(device))
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.precision)
+    return torch.autocast(torch.device(device).type, dtype=dtype) if dtype else nullcontext()
 
 
 def benchmark(args):
@@ -962,10 +971,11 @@ def benchmark(args):
               "train_img_per_s": B / step_s, "step_s": step_s, "gflop_per_img": flop / 1e9,
               "achieved_gflop_per_s": flop * B / step_s / 1e9, "matmul_gflop_per_s": matmul / 1e9,
               "utilisation": flop * B / step_s / matmul, "peak_mem_mb": peak / 2 ** 20,
-              "pipeline_img_per_s_per_worker": 1 / per_image}
+              "pipeline_img_per_s_per_worker": 1 / per_image, "precision": args.precision}
+    if args.augment_on_device:  # the workers only decode and crop; the rest, batched, costs this
+        result["device_augment_img_per_s"] = B / seconds(lambda: prepare_views(batch, args, device, 0), 3)
     print(json.dumps(result))
     return result
-
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1010,15 +1020,16 @@ PRESETS = {
     # 32-64 px photos on a 2-core CPU, 30 minutes: each departure from the paper chosen by a
     # measured run on CIFAR-10 (README, "What to expect on a laptop CPU": the ablation)
     "laptop": dict(
-        arch="vit_tiny", embed_dim=128, depth=4, num_heads=4,  # 0.8M parameters: ~130 images/s on 2 cores
+        arch="vit_tiny", embed_dim=128, depth=4, num_heads=4,  # 0.8M parameters: ~225 images/s on 2 cores (bf16)
         patch_size=8,  # a 4 x 4 grid on 32 px: 3x the images/s of patch 4
         out_dim=4096, head_hidden_dim=1024,  # head scaled with the backbone; K 4096 as for small data
-        use_bn_in_head=True,  # the official option: helped at batch 128, neutral at 64 (README)
+        use_bn_in_head=True,  # the official option; with the two below, 2.7 points over the paper's values
         global_crop_size=32, local_crop_size=16, global_crops_scale=(0.25, 1.0),  # the images' own size
         local_crops_scale=(0.2, 0.5),  # a 5%-area crop of a 32-px photo is a 7-px colour blob: too little
         blur_sigma=(0.1, 0.5),  # the paper's 0.1-2 px at 224 px, scaled to 32-px crops
-        batch_size_per_gpu=64, lr=0.001,  # 156 steps per epoch; peak lr 0.001 x 64/256
-        epochs=20, warmup_epochs=1, momentum_teacher=0.99,  # lambda 0.99: the teacher averages ~100 steps, not ~250
+        batch_size_per_gpu=64, lr=0.002,  # 156 steps per epoch; peak lr 0.002 x 64/256 (0.001 and 0.004: lower)
+        momentum_teacher=0.99,  # lambda 0.99: the teacher averages ~100 steps, not ~250 (5,000 steps in all)
+        epochs=32, warmup_epochs=1,  # ~26 minutes on 2 cores with the k-NN checks: the longest that fits 30
         num_workers=1, augment_on_device=True, eval_every=2, drop_path_rate=0.0),  # batched jitter
 }
 

@@ -544,6 +544,15 @@ def test_uniform_student_gives_log_K_whatever_the_teacher(x):
 
 
 @given(loss_inputs())
+def test_loss_is_computed_in_fp32_under_bf16_autocast(x):
+    """Mixed precision: the network may run in bf16, but the loss of its fp32 outputs is the fp32 loss, bit for bit."""
+    loss, pt = dino_loss_of(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss16, pt16 = dino_loss_of(x)
+    assert loss16.dtype == torch.float32 and torch.equal(loss16, loss) and torch.equal(pt16, pt)
+
+
+@given(loss_inputs())
 def test_gradient_reaches_each_student_view_from_its_pairs_only(x):
     """Eq. 3 by its gradient: d loss / d s_v = sum over teachers t != v of (P_s(v) - P_t(t)) / (tau_s B (2V-2))."""
     B, V = x["B"], x["V"]
@@ -1163,6 +1172,25 @@ def test_a_bf16_step_on_the_cpu_follows_the_fp32_step(tiny_data):
     _, bf16, loss16 = one_step(tiny_data, "--precision", "bf16")
     assert abs(loss16 - loss32) <= 2 ** -8 * loss32  # bf16 keeps 8 significant bits
     assert distance(fp32, bf16) < 0.3 * distance(fp32, init)
+
+
+@pytest.mark.parametrize("flags", [[], ["--augment_on_device", "--speed_layer", "false"]], ids=["default", "plain"])
+def test_benchmark_prints_one_json_line_of_consistent_figures(tmp_path, capsys, flags):
+    """--benchmark: one JSON line; images/s is batch / step time, achieved FLOP/s is FLOP per image x images/s,
+    and the utilisation is that over the matmul rate of the same run."""
+    rc, out, err = main_captured(["--smoke", "--benchmark", "--output_dir", tmp_path, "--bench_steps", "2",
+                                  "--bench_warmup", "1", "--threads", "1", *flags], capsys)
+    assert rc == 0 and err == "", err
+    (line,) = out.strip().splitlines()
+    r = json.loads(line)
+    for key in ("train_img_per_s", "step_s", "gflop_per_img", "achieved_gflop_per_s", "matmul_gflop_per_s",
+                "utilisation", "peak_mem_mb", "pipeline_img_per_s_per_worker"):
+        assert math.isfinite(r[key]) and r[key] > 0, key
+    assert r["train_img_per_s"] == pytest.approx(16 / r["step_s"])  # the smoke batch: 16 images
+    assert r["achieved_gflop_per_s"] == pytest.approx(r["gflop_per_img"] * r["train_img_per_s"])
+    assert r["utilisation"] == pytest.approx(r["achieved_gflop_per_s"] / r["matmul_gflop_per_s"])
+    assert ("device_augment_img_per_s" in r) == ("--augment_on_device" in flags)
+    assert r["precision"] == ("fp32" if "--speed_layer" in flags else "bf16" if dm.native_bf16(CPU) else "fp32")
 
 
 # ----------------------------------------------------------------------------------------------
