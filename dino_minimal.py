@@ -1029,7 +1029,7 @@ PRESETS = {
         blur_sigma=(0.1, 0.5),  # the paper's 0.1-2 px at 224 px, scaled to 32-px crops
         batch_size_per_gpu=64, lr=0.002,  # 156 steps per epoch; peak lr 0.002 x 64/256 (0.001 and 0.004: lower)
         momentum_teacher=0.99,  # lambda 0.99: the teacher averages ~100 steps, not ~250 (5,000 steps in all)
-        epochs=32, warmup_epochs=1,  # ~26 minutes on 2 cores with the k-NN checks: the longest that fits 30
+        epochs=32, warmup_epochs=1,  # 24-25 minutes on 2 cores with the k-NN checks: fits in 30
         num_workers=1, augment_on_device=True, eval_every=2, drop_path_rate=0.0),  # batched jitter
 }
 
