@@ -691,7 +691,7 @@ def clip_gradients(model, clip):
 
 def build(args, device, iters_per_epoch):
     """Student, teacher (an independent copy, never given gradients), loss, optimizer, schedules."""
-    configure_speed(args, device)  # precision and attention kernel (section 10)
+    autocast = precision_context(args, device)  # resolves --precision auto, picks the attention kernel
     student = MultiCropNet(build_vit(args, args.drop_path_rate),
                            DINOHead(args.embed_dim or ARCHS[args.arch][0], args.out_dim, args.head_hidden_dim,
                                     args.bottleneck_dim, args.norm_last_layer, args.use_bn_in_head)).to(device)
@@ -709,7 +709,7 @@ def build(args, device, iters_per_epoch):
         run.student = nn.parallel.DistributedDataParallel(student)
     if args.compile:
         run.student, run.teacher = torch.compile(run.student), torch.compile(teacher)
-    run.autocast = precision_context(args, device)
+    run.autocast = autocast
     return run
 
 
@@ -927,9 +927,10 @@ def configure_speed(args, device):
 
 def precision_context(args, device):
     """The autocast context of --precision (auto resolved as in training), a no-op for fp32."""
-    configure_speed(args, torch.device(device))
+    device = torch.device(device)  # notebooks pass "cpu"
+    configure_speed(args, device)
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.precision)
-    return torch.autocast(torch.device(device).type, dtype=dtype) if dtype else nullcontext()
+    return torch.autocast(device.type, dtype=dtype) if dtype else nullcontext()
 
 
 def benchmark(args):
