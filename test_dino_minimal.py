@@ -1157,7 +1157,7 @@ def distance(a, b):
 
 
 def test_a_train_step_is_the_same_with_the_speed_layer_on_and_off(tiny_data):
-    """fp32, speed layer on (SDPA, foreach AdamW) or off: the same step up to float rounding, far below its size."""
+    """fp32, speed layer on (SDPA, fused AdamW) or off: the same step up to float rounding, far below its size."""
     init, on, loss_on = one_step(tiny_data, "--precision", "fp32")
     init_off, off, loss_off = one_step(tiny_data, "--precision", "fp32", "--speed_layer", "false")
     assert_state_equal(init, init_off, "initial weights")
