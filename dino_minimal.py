@@ -1023,7 +1023,7 @@ PRESETS = {
     "laptop": dict(
         arch="vit_tiny", embed_dim=128, depth=4, num_heads=4,  # 0.8M parameters: ~225 images/s on 2 cores (bf16)
         patch_size=8,  # a 4 x 4 grid on 32 px: 3x the images/s of patch 4
-        out_dim=4096, head_hidden_dim=1024,  # head scaled with the backbone; K 4096 as for small data
+        out_dim=1024, head_hidden_dim=1024,  # K 1024 (paper 65536): 39.65% k-NN against 37.9-38.4% for 4096
         use_bn_in_head=True,  # the official option; with the two below, 2.7 points over the paper's values
         global_crop_size=32, local_crop_size=16, global_crops_scale=(0.25, 1.0),  # the images' own size
         local_crops_scale=(0.2, 0.5),  # a 5%-area crop of a 32-px photo is a 7-px colour blob: too little
