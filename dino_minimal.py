@@ -753,7 +753,8 @@ def save_checkpoint(run, args, path):
     """Write to a temporary file, then rename: a kill at any moment leaves the last one whole."""
     state = {"student": run.core.state_dict(), "teacher": run.teacher_core.state_dict(),
              "optimizer": run.opt.state_dict(), "scaler": run.scaler.state_dict(),
-             "dino_loss": run.dino_loss.state_dict(), "it": run.it, "args": vars(args)}
+             "dino_loss": run.dino_loss.state_dict(), "it": run.it,
+             "args": {**vars(args), "data": str(Path(args.data).resolve())}}  # found from any folder
     torch.save(state, path.with_suffix(".tmp"))
     os.replace(path.with_suffix(".tmp"), path)
 

@@ -1113,6 +1113,14 @@ def test_main_gives_back_the_callers_signal_handlers(tiny_data, tmp_path):
             signal.signal(s, h)
 
 
+def test_the_checkpoint_names_its_data_by_absolute_path(tiny_data, tmp_path, monkeypatch):
+    """--data given relative to where training ran: the checkpoint's args find it from anywhere
+    (notebook 4 reads its k-NN images from there)."""
+    monkeypatch.chdir(Path(tiny_data).parent)
+    assert run_main(tiny_argv(Path(tiny_data).name, tmp_path / "out")) == 0
+    assert load_ckpt(tmp_path / "out")["args"]["data"] == str(Path(tiny_data).resolve())
+
+
 def test_checkpoint_of_another_architecture_is_one_error_line(tiny_data, tmp_path, capsys):
     """Bad input: resuming into an output dir whose checkpoint holds another model names the flags."""
     assert run_main(tiny_argv(tiny_data, tmp_path / "out")) == 0
