@@ -1033,7 +1033,8 @@ PRESETS = {
         blur_sigma=(0.1, 0.5),  # the paper's 0.1-2 px at 224 px, scaled to 32-px crops
         batch_size_per_gpu=64, lr=0.002,  # 156 steps per epoch; peak lr 0.002 x 64/256 (0.001 and 0.004: lower)
         momentum_teacher=0.99,  # lambda 0.99: the teacher averages ~100 steps, not ~250 (7,500 steps in all)
-        epochs=48, warmup_epochs=1,  # 21.7 minutes on 2 cores with the k-NN checks: fits in 30
+        epochs=48,  # 21.7 minutes on 2 cores with the k-NN checks: fits in 30
+        warmup_epochs=1,  # paper 10% of the epochs; 5 here: 42.2% on CIFAR-10 (a tie), +0.5-0.8 on Fashion-MNIST
         num_workers=1, augment_on_device=True, eval_every=4, drop_path_rate=0.0),  # batched jitter
 }
 
