@@ -1030,7 +1030,7 @@ PRESETS = {
         local_crops_number=2,  # a 16-px view is 2 x 2 patches: 2 local views (paper 8-10) and 1.5x the epochs
         # beat 8 of them in the same CPU time (42.1% against 39.65% k-NN; none at all, 62 epochs: 42.35%)
         local_crops_scale=(0.2, 0.5),  # a 5%-area crop of a 32-px photo is a 7-px colour blob: too little
-        blur_sigma=(0.1, 0.5),  # the paper's 0.1-2 px at 224 px, scaled to 32-px crops (0.1-2 here: 40.7% k-NN)
+        blur_sigma=(0.1, 0.5),  # paper 0.1-2 px at 224 px wipes out a 32-px crop (0.1-2 here: 40.7% k-NN)
         batch_size_per_gpu=64, lr=0.002,  # 156 steps per epoch; peak lr 0.002 x 64/256 (0.001 and 0.004: lower)
         momentum_teacher=0.99,  # lambda 0.99: the teacher averages ~100 steps, not ~250 (7,500 steps in all)
         epochs=48,  # 21.7 minutes on 2 cores with the k-NN checks: fits in 30
