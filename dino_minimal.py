@@ -1034,8 +1034,9 @@ PRESETS = {
         batch_size_per_gpu=64, lr=0.002,  # 156 steps per epoch; peak lr 0.002 x 64/256 (0.001 and 0.004: lower)
         momentum_teacher=0.99,  # lambda 0.99: the teacher averages ~100 steps, not ~250 (7,500 steps in all)
         epochs=48,  # 21.7 minutes on 2 cores with the k-NN checks: fits in 30
-        warmup_epochs=1,  # paper 10% of the epochs; 5 here: 42.2% on CIFAR-10 (a tie), +0.5-0.8 on Fashion-MNIST
-        num_workers=1, augment_on_device=True, eval_every=4, drop_path_rate=0.0),  # batched jitter
+        warmup_epochs=5,  # the paper's 10% of the epochs; 1 epoch: -0.8 and -1.35 on Fashion-MNIST (2 seeds)
+        drop_path_rate=0.0,  # paper 0.1: 78.7% against 80.6% k-NN at epoch 32 on Fashion-MNIST
+        num_workers=1, augment_on_device=True, eval_every=4),  # batched jitter
 }
 
 
