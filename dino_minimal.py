@@ -1020,7 +1020,7 @@ PRESETS = {
                   local_crops_number=2, blur_sigma=(0.1, 0.5), batch_size_per_gpu=16, epochs=3,
                   warmup_epochs=1, lr=0.002, num_workers=0, eval_every=1, log_every=2, drop_path_rate=0.0),
     # 32-64 px photos on a 2-core CPU, 30 minutes: each departure from the paper chosen by a
-    # measured run on CIFAR-10 (README, "What to expect on a laptop CPU": the ablation)
+    # measured run on CIFAR-10 or Fashion-MNIST (README, "What to expect on a laptop CPU")
     "laptop": dict(
         arch="vit_tiny", embed_dim=128, depth=4, num_heads=4,  # 0.8M parameters: ~380 images/s on 2 cores (bf16)
         patch_size=8,  # a 4 x 4 grid on 32 px: 3x the images/s of patch 4
