@@ -486,7 +486,7 @@ class Schedules:
         lr = args.lr * args.batch_size_per_gpu * world_size / 256  # linear scaling rule (App. B)
         self.lr = cosine_schedule(lr, args.min_lr, E, n, args.warmup_epochs)
         self.wd = cosine_schedule(args.weight_decay, args.weight_decay_end, E, n)
-        self.momentum = cosine_schedule(args.momentum_teacher, 1.0, E, n)  # lambda: 0.996 -> 1
+        self.momentum = cosine_schedule(args.momentum_teacher, args.momentum_teacher_end, E, n)  # lambda: 0.996 -> 1
         w = min(args.warmup_teacher_temp_epochs, E)  # tau_t: linear warmup, then constant
         warm = torch.linspace(args.warmup_teacher_temp, args.teacher_temp, w, dtype=torch.float64)
         self.teacher_temp = warm.tolist() + [args.teacher_temp] * (E - w)
@@ -1066,6 +1066,7 @@ FLAGS = [
     ("drop_path_rate", 0.1, "stochastic depth of the student, growing linearly with depth"),
     # teacher, centering, sharpening
     ("momentum_teacher", 0.996, "lambda at start, cosine to 1; raise it (0.9995 at batch 256) for small batches"),
+    ("momentum_teacher_end", 1.0, "lambda at the end of its cosine (official: 1, a frozen teacher)"),
     ("warmup_teacher_temp", 0.04, "tau_t at start; lower sharpens more"),
     ("teacher_temp", 0.04, "tau_t after warmup (paper 0.04 -> 0.07); > 0.07 unstable, 0.08 without warmup collapses"),
     ("warmup_teacher_temp_epochs", 0, "epochs of linear tau_t warmup (paper: 30)"),
@@ -1161,8 +1162,8 @@ def check_args(args):
             raise UsageError(f"--{name} {getattr(args, name)} is not a multiple of --patch_size {args.patch_size}")
     if (args.embed_dim or ARCHS[args.arch][0]) % (args.num_heads or ARCHS[args.arch][2]):
         raise UsageError("--embed_dim must be a multiple of --num_heads")
-    if not 0 <= args.momentum_teacher <= 1 or not 0 <= args.center_momentum <= 1:
-        raise UsageError("--momentum_teacher and --center_momentum must lie in [0, 1]")
+    if not all(0 <= m <= 1 for m in (args.momentum_teacher, args.momentum_teacher_end, args.center_momentum)):
+        raise UsageError("--momentum_teacher, --momentum_teacher_end and --center_momentum must lie in [0, 1]")
 
 
 def main(argv=None):
