@@ -1177,8 +1177,9 @@ def main(argv=None):
             torch.set_num_threads(args.threads)
         try:
             Path(args.output_dir).mkdir(parents=True, exist_ok=True)
-            (Path(args.output_dir) / ".write_test").touch()
-            (Path(args.output_dir) / ".write_test").unlink()  # the probe leaves nothing behind
+            probe = Path(args.output_dir) / f".write_test.{os.getpid()}"  # one per process: torchrun starts several
+            probe.touch()
+            probe.unlink()  # the probe leaves nothing behind
         except OSError as e:
             raise UsageError(f"cannot write to --output_dir {args.output_dir} ({e.strerror}): pick another folder")
         if args.smoke and args.data is None:
