@@ -1069,7 +1069,7 @@ FLAGS = [
     ("use_bn_in_head", False, "BatchNorm in the head's MLP (official option, off for ViTs); helps a short run start"),
     ("drop_path_rate", 0.1, "stochastic depth of the student, growing linearly with depth"),
     # teacher, centering, sharpening
-    ("momentum_teacher", 0.996, "lambda at start, cosine to 1; raise it (0.9995 at batch 256) for small batches"),
+    ("momentum_teacher", 0.996, "lambda at start, cosine up to the end below; 0.9995 (batch 256) for small batches"),
     ("momentum_teacher_end", 1.0, "lambda at the end of its cosine (official: 1, a frozen teacher)"),
     ("warmup_teacher_temp", 0.04, "tau_t at start; lower sharpens more"),
     ("teacher_temp", 0.04, "tau_t after warmup (paper 0.04 -> 0.07); > 0.07 unstable, 0.08 without warmup collapses"),

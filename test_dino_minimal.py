@@ -1265,7 +1265,8 @@ IMPOSSIBLE_FLAGS = [
     ["--knn_k", "0"], ["--pause_after_epochs", "-1"],
     ["--teacher_temp", "0"], ["--teacher_temp", "-0.04"], ["--warmup_teacher_temp", "0"], ["--student_temp", "0"],
     ["--global_crops_scale", "0", "1"], ["--local_crops_scale", "0.05", "1.5"], ["--global_crops_scale", "0.8", "0.4"],
-    ["--momentum_teacher", "1.5"], ["--center_momentum", "-0.1"], ["--drop_path_rate", "1.5"],
+    ["--momentum_teacher", "1.5"], ["--momentum_teacher_end", "1.01"], ["--center_momentum", "-0.1"],
+    ["--drop_path_rate", "1.5"],
     ["--drop_path_rate", "-0.1"],
 ]
 
