@@ -47,6 +47,7 @@ import math
 import os
 import signal
 import sys
+import tempfile
 import time
 from contextlib import nullcontext
 from itertools import groupby
@@ -486,7 +487,7 @@ class Schedules:
         lr = args.lr * args.batch_size_per_gpu * world_size / 256  # linear scaling rule (App. B)
         self.lr = cosine_schedule(lr, args.min_lr, E, n, args.warmup_epochs)
         self.wd = cosine_schedule(args.weight_decay, args.weight_decay_end, E, n)
-        self.momentum = cosine_schedule(args.momentum_teacher, args.momentum_teacher_end, E, n)  # lambda: 0.996 -> 1
+        self.momentum = cosine_schedule(args.momentum_teacher, args.momentum_teacher_end, E, n)  # 0.996 -> 1 official
         w = min(args.warmup_teacher_temp_epochs, E)  # tau_t: linear warmup, then constant
         warm = torch.linspace(args.warmup_teacher_temp, args.teacher_temp, w, dtype=torch.float64)
         self.teacher_temp = warm.tolist() + [args.teacher_temp] * (E - w)
@@ -1177,9 +1178,7 @@ def main(argv=None):
             torch.set_num_threads(args.threads)
         try:
             Path(args.output_dir).mkdir(parents=True, exist_ok=True)
-            probe = Path(args.output_dir) / f".write_test.{os.getpid()}"  # one per process: torchrun starts several
-            probe.touch()
-            probe.unlink()  # the probe leaves nothing behind
+            tempfile.TemporaryFile(dir=args.output_dir).close()  # a probe with its own name, gone on close
         except OSError as e:
             raise UsageError(f"cannot write to --output_dir {args.output_dir} ({e.strerror}): pick another folder")
         if args.smoke and args.data is None:
