@@ -57,6 +57,7 @@ from PIL import Image
 from torch import nn
 from torch.amp import GradScaler
 from torch.nn.utils.parametrizations import weight_norm
+from torch.utils.data import default_collate
 from torchvision.transforms.functional import pil_to_tensor
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -157,6 +158,8 @@ class VisionTransformer(nn.Module):
         return torch.cat([self.pos_embed[:, :1], grid], dim=1)  # (1, 1+h*w, D)
 
     def prepare_tokens(self, x):
+        # z = [x_cls; x_1 E; ...; x_N E] + E_pos: a linear embedding E of each p x p patch
+        # (a strided convolution), the CLS token in front, a learned position embedding added
         B, _, H, W = x.shape
         patches = self.patch_embed.proj(x).flatten(2).transpose(1, 2)  # (B, N, D)
         x = torch.cat([self.cls_token.expand(B, -1, -1), patches], dim=1)  # (B, 1+N, D)
@@ -452,32 +455,39 @@ class TrainState:
     it: int = 0  # the global iteration: the schedules' index
 
 def train_step(state, views, epoch):
-    """One iteration of Algorithm 1 on V views [(B, 3, h, w)]; returns the loss, the teacher's
-    probabilities and features (for the collapse diagnostics)."""
+    """One iteration of Algorithm 1 on V views [(B, 3, h, w)], globals first; returns the loss,
+    the teacher's probabilities and its features (for the collapse diagnostics)."""
+    # this iteration's lr on every group, its weight decay on the decayed group (0) only
     for i, group in enumerate(state.optimizer.param_groups):
         group["lr"] = state.schedules.lr[state.it]
         if i == 0:
-            group["weight_decay"] = state.schedules.wd[state.it]  # the decayed group only
+            group["weight_decay"] = state.schedules.wd[state.it]
+    # t1, t2 = gt(x1), gt(x2) on the 2 global views; s = gs(x) on all V views
     dtype = state.amp_dtype
     with torch.autocast(views[0].device.type, dtype=dtype, enabled=dtype is not None):
-        teacher_feats, teacher_out = state.teacher(views[:2])  # the 2 global views only
-        _, student_out = state.student(views)  # all V views
+        teacher_feats, teacher_out = state.teacher(views[:2])
+        _, student_out = state.student(views)
+    # loss = H(t1, s2)/2 + H(t2, s1)/2, over every pair of views (Eq. 3), in fp32
     tau_t = state.schedules.teacher_temp[epoch]
     loss, teacher_probs = state.dino_loss(student_out, teacher_out, tau_t)
     if not math.isfinite(loss.item()):
         raise FloatingPointError(f"loss is {loss.item()} at iteration {state.it}")
-    state.dino_loss.update_center(teacher_out)  # after the loss: C never holds its own batch
+    # C = m*C + (1-m)*cat([t1, t2]).mean(dim=0), after the loss: C never holds its own batch
+    state.dino_loss.update_center(teacher_out)
+    # loss.backward(); update(gs): AdamW, each gradient clipped to norm <= clip_grad, and the
+    # prototypes (last layer) left unchanged during the first epoch(s): stabler
     state.optimizer.zero_grad(set_to_none=True)
-    state.scaler.scale(loss).backward()  # the scaler acts in fp16 only (small gradients)
+    state.scaler.scale(loss).backward()
     state.scaler.unscale_(state.optimizer)
     if state.clip_grad:
         clip_gradients(state.student, state.clip_grad)
-    if epoch < state.freeze_last_layer:  # the prototypes stay fixed at first: stabler
+    if epoch < state.freeze_last_layer:
         for name, p in state.student.named_parameters():
             if "last_layer" in name:
                 p.grad = None
     state.scaler.step(state.optimizer)
     state.scaler.update()
+    # gt.params = l*gt.params + (1-l)*gs.params, with l of this iteration
     ema_update(state.teacher, state.student, state.schedules.momentum[state.it])
     state.it += 1
     return loss.detach(), teacher_probs, teacher_feats
@@ -568,8 +578,7 @@ def list_images(folder, min_size=0):
                 items.append((path, label))
             except (OSError, ValueError, SyntaxError):
                 skipped += path.is_file()
-    if skipped and is_main():
-        print(f"skipped {skipped} files that are not images")
+    print(f"skipped {skipped} files that are not images") if skipped and is_main() else None
     if small:
         raise UsageError(f"{len(small)} images (e.g. {small[0]}) are smaller than the {min_size}"
                          "-px local crops: lower --global_crop_size and --local_crop_size")
@@ -588,10 +597,9 @@ def load_splits(args):
     else:
         items, classes = list_images(root, args.local_crop_size)
         train, val = [x for k, x in enumerate(items) if k % 5], items[::5]
-    need = args.batch_size_per_gpu * world_size()
-    if len(train) < need:
-        raise UsageError(f"{len(train)} training images under {root} but a batch of {need}: "
-                         "add images or lower --batch_size_per_gpu")
+    if len(train) < args.batch_size_per_gpu * world_size():
+        raise UsageError(f"{len(train)} training images under {root} but a batch of "
+                         f"{args.batch_size_per_gpu * world_size()}: lower --batch_size_per_gpu")
     return train, val, classes
 
 class MultiCropDataset(torch.utils.data.Dataset):
@@ -629,29 +637,23 @@ class EpochSampler(torch.utils.data.Sampler):
             first = (s * self.world + self.rank) * self.batch
             yield from ((self.epoch, i) for i in perm[first:first + self.batch])
 
-class EvalDataset(list):
-    """(path, label) items as (eval_view(image), label) for the k-NN."""
-    size = 224
-
-    def __getitem__(self, index):
-        path, label = super().__getitem__(index)
-        return eval_view(load_rgb(path), self.size), label
+def eval_batch(batch):
+    """Loader workers decode the k-NN's images: [(path, size)] -> (n, 3, size, size)."""
+    return torch.stack([eval_view(load_rgb(path), size) for path, size in batch])
 
 @torch.no_grad()
 def extract_features(backbone, items, size, device, workers=0):
     """backbone(eval_view(image)) in fp32 for every (path, label) item: (n, D), (n,)."""
-    data = EvalDataset(items)
-    data.size = size
-    loader = torch.utils.data.DataLoader(data, batch_size=256, num_workers=workers)
-    feats, labels = zip(*[(backbone(x.to(device)).float().cpu(), y) for x, y in loader])
-    return torch.cat(feats), torch.cat(labels)
+    loader = torch.utils.data.DataLoader([(path, size) for path, _ in items], batch_size=256,
+                                         num_workers=workers, collate_fn=eval_batch)
+    feats = torch.cat([backbone(x.to(device)).float().cpu() for x in loader])
+    return feats, torch.tensor([label for _, label in items])
 
 def knn_accuracy(backbone, train_items, val_items, args, device):
-    """Weighted k-NN top-1 (App. F.1) of the backbone's features: the training set is the
-    memory, the val set the queries."""
-    size, workers = args.global_crop_size, args.num_workers
-    train = extract_features(backbone, train_items, size, device, workers)
-    return knn_classify(*train, *extract_features(backbone, val_items, size, device, workers))
+    """Weighted k-NN top-1 (App. F.1): the training set is the memory, val the queries."""
+    train = extract_features(backbone, train_items, args.global_crop_size, device, args.num_workers)
+    val = extract_features(backbone, val_items, args.global_crop_size, device, args.num_workers)
+    return knn_classify(*train, *val)
 
 def make_synthetic_images(root, classes=10, per_class=24, size=48, seed=0, ext=".png"):
     """A toy image set: each class a coloured grating of its own orientation and frequency
@@ -661,9 +663,9 @@ def make_synthetic_images(root, classes=10, per_class=24, size=48, seed=0, ext="
     yy, xx = torch.meshgrid(torch.arange(H), torch.arange(W), indexing="ij")
     for c, i in itertools.product(range(classes), range(per_class)):
         angle, freq = math.pi * c / classes, 0.15 + 0.05 * (c % 3)
-        color = torch.tensor([(c * 0.37) % 1, (c * 0.61) % 1, (c * 0.13) % 1]).view(3, 1, 1)
-        wave = torch.sin(freq * (xx * math.cos(angle) + yy * math.sin(angle)) +
-                         2 * math.pi * torch.rand(1, generator=rng))
+        phase = 2 * math.pi * torch.rand(1, generator=rng).item()
+        wave = torch.sin(freq * (xx * math.cos(angle) + yy * math.sin(angle)) + phase)
+        color = torch.tensor([c * 0.37 % 1, c * 0.61 % 1, c * 0.13 % 1]).view(3, 1, 1)
         img = 0.5 + 0.35 * wave * (2 * color - 1) + 0.12 * torch.randn(3, H, W, generator=rng)
         path = Path(root) / ("val" if i % 4 == 0 else "train") / f"class{c}" / f"{i:03d}{ext}"
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -686,17 +688,17 @@ def download(name, root):
                 fetch = not (root / "imagenette2-320").is_dir()
                 tvd.Imagenette(root, split=split, size="320px", download=fetch)
             return str(root / "imagenette2-320")
-        dataset = {"cifar10": tvd.CIFAR10, "fashion_mnist": tvd.FashionMNIST}[name]
         for split, per_class in (("train", 1000), ("val", 200)):
             if (root / split).is_dir():
                 continue
+            dataset = {"cifar10": tvd.CIFAR10, "fashion_mnist": tvd.FashionMNIST}[name]
             images, count = dataset(root / "raw", train=split == "train", download=True), Counter()
             for img, label in images:  # PIL images; PNG keeps the originals, lossless
-                name = images.classes[label].split("/")[0]
-                if count[name] < per_class:
-                    (root / f"{split}.tmp" / name).mkdir(parents=True, exist_ok=True)
-                    img.save(root / f"{split}.tmp" / name / f"{count[name]:04d}.png")
-                    count[name] += 1
+                folder = root / f"{split}.tmp" / images.classes[label].split("/")[0]
+                if count[folder] < per_class:
+                    folder.mkdir(parents=True, exist_ok=True)
+                    img.save(folder / f"{count[folder]:04d}.png")
+                    count[folder] += 1
             os.replace(root / f"{split}.tmp", root / split)  # whole, or not at all
     except (OSError, RuntimeError) as e:  # URLError is an OSError
         raise UsageError(f"could not download {name} into {root} ({type(e).__name__}): are "
@@ -727,8 +729,8 @@ def setup_device(name):
 
 def resolve_precision(precision, device):
     """--precision auto: bf16 autocast where the hardware has bf16 units (GPUs of compute
-    capability 8.0 and up, CPUs with AVX512-BF16 or AMX: 1.7x the images/s of fp32 with the
-    same k-NN on this project's CPU); fp16 with a GradScaler on older GPUs (T4, V100), as the
+    capability 8.0 and up; CPUs with AVX512-BF16 or AMX, where it measured 1.7x the images/s
+    of fp32 with the same k-NN); fp16 with a GradScaler on older GPUs (T4, V100), as the
     official --use_fp16; else fp32, since emulated bf16 is slower."""
     if precision != "auto":
         return precision
@@ -742,14 +744,14 @@ AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
 
 class FusedAttention(Attention):
     """The same attention in one kernel: flash attention on a GPU, no (N, N) matrix in memory.
-    Not used on a CPU in bf16, where PyTorch's kernel measured 3-6x slower than two matmuls."""
+    Not on a CPU in bf16, where PyTorch's kernel measured 3-6x slower than the two matmuls."""
 
     def attend(self, q, k, v):
         return F.scaled_dot_product_attention(q, k, v)
 
 def build(args, device, iters_per_epoch):
     """Student, teacher, loss, optimizer and schedules, in the precision and speed chosen."""
-    vit = build_vit(args, args.drop_path_rate)
+    vit = build_vit(args, args.drop_path_rate)  # the backbone first: the seed's order
     head = DINOHead(vit.embed_dim, args.out_dim, args.head_hidden_dim, args.bottleneck_dim,
                     args.norm_last_layer, args.use_bn_in_head)
     student = MultiCropNet(vit, head).to(device)
@@ -762,18 +764,17 @@ def build(args, device, iters_per_epoch):
     teacher.head.train()  # but, as official, BatchNorm in its head uses the batch's statistics
     # fused AdamW: one pass over the weights, 4x faster than the foreach version on a CPU
     opt = torch.optim.AdamW(param_groups(student), lr=0.0, fused=device.type in ("cuda", "cpu"))
-    lr = args.lr * args.batch_size_per_gpu * world_size() / 256  # linear scaling (App. B)
-    E, n = args.epochs, iters_per_epoch
-    sched = Schedules(
+    E, n, lr = args.epochs, iters_per_epoch, args.lr * args.batch_size_per_gpu * world_size() / 256
+    sched = Schedules(  # the lr by the linear scaling rule, lr x total batch / 256 (App. B)
         lr=cosine_schedule(lr, args.min_lr, E, n, args.warmup_epochs),
         wd=cosine_schedule(args.weight_decay, args.weight_decay_end, E, n),
         momentum=cosine_schedule(args.momentum_teacher, args.momentum_teacher_end, E, n),
         teacher_temp=teacher_temp_schedule(args.warmup_teacher_temp, args.teacher_temp,
                                            args.warmup_teacher_temp_epochs, E))
-    loss = DINOLoss(args.out_dim, args.student_temp, args.center_momentum).to(device)
-    scaler = torch.amp.GradScaler(device.type, enabled=args.precision == "fp16")
-    state = TrainState(student, teacher, loss, opt, sched, args.clip_grad,
-                       args.freeze_last_layer, AMP_DTYPES[args.precision], scaler)
+    state = TrainState(student, teacher, DINOLoss(args.out_dim, args.student_temp,
+                                                  args.center_momentum).to(device),
+                       opt, sched, args.clip_grad, args.freeze_last_layer,
+                       AMP_DTYPES[args.precision], GradScaler(enabled=args.precision == "fp16"))
     if dist.is_initialized():
         state.student = nn.parallel.DistributedDataParallel(student)
     if args.compile:  # faster on a GPU after minutes of compiling; no faster on a CPU
@@ -787,8 +788,7 @@ def build_vit(args, drop_path_rate=0.0):
 
 def bare(model):
     """The module inside the DistributedDataParallel and torch.compile wrappers, if any."""
-    model = getattr(model, "_orig_mod", model)
-    return getattr(model, "module", model)
+    return getattr(getattr(model, "_orig_mod", model), "module", getattr(model, "_orig_mod", model))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -799,11 +799,9 @@ ARCH_FLAGS = ("arch", "patch_size", "embed_dim", "depth", "num_heads", "out_dim"
 
 def save_checkpoint(state, args, path):
     """Write to a temporary file, then rename: a kill at any moment leaves the last one whole."""
-    ckpt = {"student": bare(state.student).state_dict(),
-            "teacher": bare(state.teacher).state_dict(),
-            "optimizer": state.optimizer.state_dict(), "scaler": state.scaler.state_dict(),
-            "dino_loss": state.dino_loss.state_dict(), "it": state.it,
-            "args": {**vars(args), "data": str(Path(args.data).resolve())}}  # from any folder
+    ckpt = {k: getattr(state, k).state_dict() for k in ("optimizer", "scaler", "dino_loss")}
+    ckpt |= {name: bare(getattr(state, name)).state_dict() for name in ("student", "teacher")}
+    ckpt |= {"it": state.it, "args": {**vars(args), "data": str(Path(args.data).resolve())}}
     torch.save(ckpt, path.with_suffix(".tmp"))
     os.replace(path.with_suffix(".tmp"), path)
 
@@ -883,13 +881,10 @@ def evaluate(state, data, args, device, epoch, out):
 
 def train(args):
     device, out = setup_device(args.device), Path(args.output_dir)
-    args.precision = resolve_precision(args.precision, device)
-    data = load_splits(args)
+    args.precision, data = resolve_precision(args.precision, device), load_splits(args)
     rank = dist.get_rank() if dist.is_initialized() else 0
     sampler = EpochSampler(len(data[0]), args.batch_size_per_gpu, rank, world_size(), args.seed)
-    crops = MultiCrop(args.global_crop_size, args.local_crop_size, args.global_crops_scale,
-                      args.local_crops_scale, args.local_crops_number, args.blur_sigma)
-    dataset = MultiCropDataset(data[0], crops, args.seed, not args.augment_on_device)
+    dataset = MultiCropDataset(data[0], multicrop_of(args), args.seed, not args.augment_on_device)
     loader = torch.utils.data.DataLoader(
         dataset, args.batch_size_per_gpu, sampler=sampler, num_workers=args.num_workers,
         pin_memory=device.type == "cuda", persistent_workers=args.num_workers > 0,
@@ -898,11 +893,10 @@ def train(args):
     state = build(args, device, sampler.steps)
     resume(state, args, out / "checkpoint.pth")
     if is_main():
-        params = sum(p.numel() for p in bare(state.student).parameters()) / 1e6
         print(f"{len(data[0])} training / {len(data[1])} k-NN query images, {len(data[2])} "
-              f"classes; student {params:.2f}M parameters; views 2 x {args.global_crop_size} px"
-              f" + {args.local_crops_number} x {args.local_crop_size} px; {sampler.steps} "
-              f"iterations per epoch on {world_size()} x {device} in {args.precision}")
+              f"classes; views 2 x {args.global_crop_size} px + {args.local_crops_number} x "
+              f"{args.local_crop_size} px; {sampler.steps} iterations per epoch on "
+              f"{world_size()} x {device} in {args.precision}")
     if device.type == "cpu" and not args.preset and state.it == 0 and is_main():
         estimate_cpu_time(state, dataset, args, device, sampler.steps * args.epochs)
     if state.it == 0 and args.eval_every:  # the baseline: the network at random initialization
@@ -957,8 +951,7 @@ def train_one_epoch(state, loader, sampler, epoch, args, device, out, stop):
 def estimate_cpu_time(state, dataset, args, device, total_steps):
     """Time one step on a copy of the state (the run is untouched) and say what the run costs:
     without a preset the defaults are the paper's, made for 16 GPUs."""
-    batch = [dataset[(0, i)] for i in range(args.batch_size_per_gpu)]
-    views, _ = torch.utils.data.default_collate(batch)
+    views, _ = default_collate([dataset[(0, i)] for i in range(args.batch_size_per_gpu)])
     t0 = time.perf_counter()
     train_step(copy.deepcopy(state), to_device(views, args, device, 0), 0)
     hours = (time.perf_counter() - t0) * total_steps / 3600
@@ -977,14 +970,12 @@ def benchmark(args):
     args.precision = resolve_precision(args.precision, device)
     cuda, B = device.type == "cuda", args.batch_size_per_gpu
     root = make_synthetic_images(Path(args.output_dir) / "bench_data", 2, 8, (320, 426), ext=".jpg")
-    crops = MultiCrop(args.global_crop_size, args.local_crop_size, args.global_crops_scale,
-                      args.local_crops_scale, args.local_crops_number, args.blur_sigma)
     items = list_images(Path(root) / "train")[0]
-    dataset = MultiCropDataset(items, crops, 0, not args.augment_on_device)
+    dataset = MultiCropDataset(items, multicrop_of(args), 0, not args.augment_on_device)
     torch.set_num_threads(1)  # as in a loader worker
-    per_image = seconds(lambda: [dataset[(1, i)] for i in range(len(dataset))], 2) / len(dataset)
+    per_image = seconds(lambda: [dataset[(1, i)] for i in range(len(items))], 2) / len(items)
     torch.set_num_threads(args.threads or os.cpu_count())
-    views, _ = torch.utils.data.default_collate([dataset[(0, i % len(dataset))] for i in range(B)])
+    views, _ = default_collate([dataset[(0, i % len(items))] for i in range(B)])
     state = build(args, device, iters_per_epoch=100)  # schedules long enough for the timed steps
 
     def step():
@@ -1171,6 +1162,10 @@ def check_args(args):
         raise UsageError("--momentum_teacher(_end) and --center_momentum must lie in [0, 1]")
     if args.drop_path_rate >= 1 or args.warmup_epochs > args.epochs:
         raise UsageError("--drop_path_rate must be < 1 and --warmup_epochs at most --epochs")
+
+def multicrop_of(args):
+    return MultiCrop(args.global_crop_size, args.local_crop_size, args.global_crops_scale,
+                     args.local_crops_scale, args.local_crops_number, args.blur_sigma)
 
 def main(argv=None):
     try:
