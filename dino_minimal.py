@@ -50,6 +50,7 @@ from functools import partial
 from itertools import groupby
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -558,6 +559,8 @@ def load_rgb(path):
     """Decode an image file with PIL to a (3, H, W) uint8 tensor; any mode becomes RGB."""
     try:
         with Image.open(path) as im:
+            if im.mode.startswith("I"):  # 16-bit (or 32-bit) gray: scaled to 8 bits, not clipped
+                im = Image.fromarray((np.asarray(im) // 256).clip(0, 255).astype(np.uint8))
             return pil_to_tensor(im.convert("RGB"))
     except (OSError, ValueError, SyntaxError) as e:
         raise UsageError(f"cannot decode {path} ({e}): delete or replace it, then rerun the "
@@ -735,10 +738,15 @@ def resolve_precision(precision, device):
     if precision != "auto":
         return precision
     if device.type == "cuda":
-        return "bf16" if torch.cuda.get_device_capability(device) >= (8, 0) else "fp16"
-    flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
-    native = device.type == "cpu" and (" avx512_bf16" in flags or " amx_bf16" in flags)
-    return "bf16" if native else "fp32"
+        major, minor = torch.cuda.get_device_capability(device)
+        precision = "bf16" if major >= 8 else "fp16"
+        why = f"compute capability {major}.{minor}: bf16 units from 8.0 on"
+    else:
+        flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+        native = device.type == "cpu" and (" avx512_bf16" in flags or " amx_bf16" in flags)
+        precision, why = ("bf16", "bf16 units") if native else ("fp32", "no bf16 units")
+    print(f"--precision auto: {precision} ({why})") if is_main() else None
+    return precision
 
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
 
@@ -764,22 +772,26 @@ def build(args, device, iters_per_epoch):
     teacher.head.train()  # but, as official, BatchNorm in its head uses the batch's statistics
     # fused AdamW: one pass over the weights, 4x faster than the foreach version on a CPU
     opt = torch.optim.AdamW(param_groups(student), lr=0.0, fused=device.type in ("cuda", "cpu"))
-    E, n, lr = args.epochs, iters_per_epoch, args.lr * args.batch_size_per_gpu * world_size() / 256
-    sched = Schedules(  # the lr by the linear scaling rule, lr x total batch / 256 (App. B)
-        lr=cosine_schedule(lr, args.min_lr, E, n, args.warmup_epochs),
-        wd=cosine_schedule(args.weight_decay, args.weight_decay_end, E, n),
-        momentum=cosine_schedule(args.momentum_teacher, args.momentum_teacher_end, E, n),
-        teacher_temp=teacher_temp_schedule(args.warmup_teacher_temp, args.teacher_temp,
-                                           args.warmup_teacher_temp_epochs, E))
-    state = TrainState(student, teacher, DINOLoss(args.out_dim, args.student_temp,
-                                                  args.center_momentum).to(device),
-                       opt, sched, args.clip_grad, args.freeze_last_layer,
-                       AMP_DTYPES[args.precision], GradScaler(enabled=args.precision == "fp16"))
+    dino_loss = DINOLoss(args.out_dim, args.student_temp, args.center_momentum).to(device)
+    scaler = GradScaler(device.type, enabled=args.precision == "fp16")
+    state = TrainState(student, teacher, dino_loss, opt, schedules(args, iters_per_epoch),
+                       args.clip_grad, args.freeze_last_layer, AMP_DTYPES[args.precision], scaler)
     if dist.is_initialized():
         state.student = nn.parallel.DistributedDataParallel(student)
     if args.compile:  # faster on a GPU after minutes of compiling; no faster on a CPU
         state.student, state.teacher = torch.compile(state.student), torch.compile(teacher)
     return state
+
+def schedules(args, iters_per_epoch):
+    """The schedules of the flags, per iteration; the peak lr by the linear scaling rule,
+    lr x total batch / 256 (App. B)."""
+    E, n, lr = args.epochs, iters_per_epoch, args.lr * args.batch_size_per_gpu * world_size() / 256
+    return Schedules(
+        lr=cosine_schedule(lr, args.min_lr, E, n, args.warmup_epochs),
+        wd=cosine_schedule(args.weight_decay, args.weight_decay_end, E, n),
+        momentum=cosine_schedule(args.momentum_teacher, args.momentum_teacher_end, E, n),
+        teacher_temp=teacher_temp_schedule(args.warmup_teacher_temp, args.teacher_temp,
+                                           args.warmup_teacher_temp_epochs, E))
 
 def build_vit(args, drop_path_rate=0.0):
     dim, depth, heads = ARCHS[args.arch]
@@ -801,7 +813,8 @@ def save_checkpoint(state, args, path):
     """Write to a temporary file, then rename: a kill at any moment leaves the last one whole."""
     ckpt = {k: getattr(state, k).state_dict() for k in ("optimizer", "scaler", "dino_loss")}
     ckpt |= {name: bare(getattr(state, name)).state_dict() for name in ("student", "teacher")}
-    ckpt |= {"it": state.it, "args": {**vars(args), "data": str(Path(args.data).resolve())}}
+    ckpt |= {"it": state.it, "world_size": world_size(),
+             "args": {**vars(args), "data": str(Path(args.data).resolve())}}
     torch.save(ckpt, path.with_suffix(".tmp"))
     os.replace(path.with_suffix(".tmp"), path)
 
@@ -815,11 +828,17 @@ def resume(state, args, path):
         flags = " ".join(f"--{k} {v}" for k, v in theirs.items() if v != getattr(args, k))
         raise UsageError(f"{path} holds another model ({flags}): pass those flags or another "
                          "--output_dir")
+    # the schedules are indexed by iteration: another global batch would change their meaning
+    saved = ckpt["args"]["batch_size_per_gpu"] * ckpt["world_size"]
+    if saved != args.batch_size_per_gpu * world_size():
+        raise UsageError(f"{path} was trained with a global batch of {saved} ({ckpt['world_size']}"
+                         f" processes), this run has {args.batch_size_per_gpu * world_size()}: "
+                         "match them, or pass another --output_dir")
     bare(state.student).load_state_dict(ckpt["student"])
     bare(state.teacher).load_state_dict(ckpt["teacher"])
     state.optimizer.load_state_dict(ckpt["optimizer"])
     state.dino_loss.load_state_dict(ckpt["dino_loss"])
-    if ckpt["scaler"]:  # empty when saved without fp16
+    if ckpt["scaler"]:  # empty when saved without fp16; another --precision is fine
         state.scaler.load_state_dict(ckpt["scaler"])
     state.it = ckpt["it"]
     print(f"resumed from {path} at iteration {state.it}") if is_main() else None
@@ -897,7 +916,7 @@ def train(args):
               f"classes; views 2 x {args.global_crop_size} px + {args.local_crops_number} x "
               f"{args.local_crop_size} px; {sampler.steps} iterations per epoch on "
               f"{world_size()} x {device} in {args.precision}")
-    if device.type == "cpu" and not args.preset and state.it == 0 and is_main():
+    if device.type == "cpu" and not (args.preset or args.smoke) and state.it == 0 and is_main():
         estimate_cpu_time(state, dataset, args, device, sampler.steps * args.epochs)
     if state.it == 0 and args.eval_every:  # the baseline: the network at random initialization
         evaluate(state, data, args, device, 0, out)
@@ -1183,6 +1202,8 @@ def main(argv=None):
             return benchmark(args) and 0
         if args.data is None:
             raise UsageError("pass --data DIR (or --smoke to try the loop on generated images)")
+        if args.download and "RANK" in os.environ:  # every process would write the folder
+            raise UsageError("--download under torchrun: download first in one process")
         args.data = download(args.download, args.data) if args.download else args.data
         return train(args)
     except UsageError as e:  # from a loader worker the message ends "...UsageError: <message>"
