@@ -45,6 +45,7 @@ import sys
 import tempfile
 import time
 from collections import Counter
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import partial
 from itertools import groupby
@@ -472,7 +473,8 @@ def train_step(state, views, epoch):
     tau_t = state.schedules.teacher_temp[epoch]
     loss, teacher_probs = state.dino_loss(student_out, teacher_out, tau_t)
     if not math.isfinite(loss.item()):
-        raise FloatingPointError(f"loss is {loss.item()} at iteration {state.it}")
+        raise FloatingPointError(f"loss is {loss.item()}: try --precision fp32, a lower --lr "
+                                 "or --teacher_temp")
     # C = m*C + (1-m)*cat([t1, t2]).mean(dim=0), after the loss: C never holds its own batch
     state.dino_loss.update_center(teacher_out)
     # loss.backward(); update(gs): AdamW, each gradient clipped to norm <= clip_grad, and the
@@ -617,9 +619,18 @@ class MultiCropDataset(torch.utils.data.Dataset):
         return len(self.items)
 
     def __getitem__(self, key):
-        path, label = self.items[key[1]]
-        rng = torch.Generator().manual_seed(seed_for(self.seed, *key))
-        return self.multicrop(load_rgb(path), rng, self.photometric), label
+        """The crops of image key[1], its label, and "" or the file it replaces: a file that
+        cannot be decoded is replaced by the next image (a deterministic choice: exact resume)."""
+        epoch, index, bad = *key, ""
+        while True:
+            path, label = self.items[index]
+            try:
+                img = load_rgb(path)
+                break
+            except UsageError:
+                bad, index = bad or str(path), (index + 1) % len(self.items)
+        rng = torch.Generator().manual_seed(seed_for(self.seed, epoch, index))
+        return self.multicrop(img, rng, self.photometric), label, bad
 
 class EpochSampler(torch.utils.data.Sampler):
     """Shuffles per epoch; step s takes images perm[s*B*W : (s+1)*B*W], process r the r-th
@@ -641,16 +652,25 @@ class EpochSampler(torch.utils.data.Sampler):
             yield from ((self.epoch, i) for i in perm[first:first + self.batch])
 
 def eval_batch(batch):
-    """Loader workers decode the k-NN's images: [(path, size)] -> (n, 3, size, size)."""
-    return torch.stack([eval_view(load_rgb(path), size) for path, size in batch])
+    """Loader workers decode the k-NN's images: [(path, size)] -> (n, 3, size, size), and which
+    of them could be decoded: the others are left out of the k-NN."""
+    views, ok = [], []
+    for path, size in batch:
+        try:
+            views.append(eval_view(load_rgb(path), size))
+        except UsageError:
+            views.append(torch.zeros(3, size, size))
+        ok.append(views[-1].any())
+    return torch.stack(views), torch.stack(ok)
 
 @torch.no_grad()
 def extract_features(backbone, items, size, device, workers=0):
     """backbone(eval_view(image)) in fp32 for every (path, label) item: (n, D), (n,)."""
     loader = torch.utils.data.DataLoader([(path, size) for path, _ in items], batch_size=256,
                                          num_workers=workers, collate_fn=eval_batch)
-    feats = torch.cat([backbone(x.to(device)).float().cpu() for x in loader])
-    return feats, torch.tensor([label for _, label in items])
+    feats, ok = zip(*[(backbone(x.to(device)).float().cpu(), ok) for x, ok in loader])
+    ok = torch.cat(ok)
+    return torch.cat(feats)[ok], torch.tensor([label for _, label in items])[ok]
 
 def knn_accuracy(backbone, train_items, val_items, args, device):
     """Weighted k-NN top-1 (App. F.1): the training set is the memory, val the queries."""
@@ -815,8 +835,14 @@ def save_checkpoint(state, args, path):
     ckpt |= {name: bare(getattr(state, name)).state_dict() for name in ("student", "teacher")}
     ckpt |= {"it": state.it, "world_size": world_size(),
              "args": {**vars(args), "data": str(Path(args.data).resolve())}}
-    torch.save(ckpt, path.with_suffix(".tmp"))
-    os.replace(path.with_suffix(".tmp"), path)
+    try:
+        torch.save(ckpt, path.with_suffix(".tmp"))
+        os.replace(path.with_suffix(".tmp"), path)
+    except (OSError, RuntimeError) as e:  # a full disk, a failing device
+        path.with_suffix(".tmp").unlink(missing_ok=True)
+        raise Fault(f"could not write {path} ({str(e).strip().splitlines()[-1]}): the last "
+                    "complete checkpoint is kept; free some space, then the same command "
+                    "resumes") from None
 
 def resume(state, args, path):
     """Continue from path if it exists; refuse a checkpoint of another model."""
@@ -881,6 +907,17 @@ def ignore_signals(_worker_id):
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
+@contextmanager
+def children_wait():
+    """Hold SIGCHLD for the duration: PyTorch raises a loader worker's death from its SIGCHLD
+    handler, which must not cut a step in half; it is raised after it, on the next line."""
+    hold = hasattr(signal, "pthread_sigmask")  # not on Windows
+    signal.pthread_sigmask(signal.SIG_BLOCK, [signal.SIGCHLD]) if hold else None
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, [signal.SIGCHLD]) if hold else None
+
 def to_device(views, args, device, it):
     """Move a batch to the device; with --augment_on_device the photometric half of the
     augmentation runs there, batched, drawn from seed_for(seed, iteration, rank)."""
@@ -891,11 +928,35 @@ def to_device(views, args, device, it):
     rng = torch.Generator().manual_seed(seed_for(args.seed, it, rank))
     return augment(views, args.blur_sigma, rng)
 
-def evaluate(state, data, args, device, epoch, out):
+class Fault(Exception):
+    """A fault met while training (a data-loader worker killed, a failed write, a NaN loss):
+    main() prints it as one line and exits with status 1; the same command resumes."""
+
+@dataclass
+class Run:
+    """What the loop needs besides the TrainState: the data, where to write, when to stop."""
+    args: argparse.Namespace
+    device: torch.device
+    out: Path  # --output_dir: checkpoint.pth, log.jsonl
+    data: tuple  # training items, k-NN query items, class names
+    loader: torch.utils.data.DataLoader
+    sampler: EpochSampler
+    stop: StopRequest
+    saved_it: int = None  # the iteration in checkpoint.pth, if any
+    saved_at: float = field(default_factory=time.time)  # for --save_every_minutes
+    in_step: bool = False  # a fault inside train_step leaves the state half-updated
+    skipped: set = field(default_factory=set)  # files that could not be decoded
+
+    def save(self, state):
+        save_checkpoint(state, self.args, self.out / "checkpoint.pth") if is_main() else None
+        self.saved_it, self.saved_at = state.it, time.time()
+
+def evaluate(state, run, epoch):
     """Weighted k-NN of the teacher's CLS features on rank 0 (the others wait)."""
-    if is_main() and data[1]:
-        acc = knn_accuracy(bare(state.teacher).backbone.eval(), *data[:2], args, device)
-        log(out, {"type": "knn", "epoch": epoch, "it": state.it, "knn_top1": acc})
+    if is_main() and run.data[1]:
+        backbone = bare(state.teacher).backbone.eval()
+        acc = knn_accuracy(backbone, *run.data[:2], run.args, run.device)
+        log(run.out, {"type": "knn", "epoch": epoch, "it": state.it, "knn_top1": acc})
     dist.barrier() if dist.is_initialized() else None
 
 def train(args):
@@ -918,59 +979,88 @@ def train(args):
               f"{world_size()} x {device} in {args.precision}")
     if device.type == "cpu" and not (args.preset or args.smoke) and state.it == 0 and is_main():
         estimate_cpu_time(state, dataset, args, device, sampler.steps * args.epochs)
-    if state.it == 0 and args.eval_every:  # the baseline: the network at random initialization
-        evaluate(state, data, args, device, 0, out)
     with StopRequest() as stop:
+        run = Run(args, device, out, data, loader, sampler, stop)
+        run.saved_it = state.it if (out / "checkpoint.pth").exists() else None
         try:
-            return train_epochs(state, loader, sampler, data, args, device, out, stop)
+            return train_epochs(state, run)
+        except Fault:
+            raise
+        except (RuntimeError, OSError, FloatingPointError) as e:  # every fault takes this path:
+            # the last finished step is saved (if no step was half done), one line, status 1
+            if not run.in_step and state.it > 0:
+                run.save(state)
+            what = (str(e).strip() or type(e).__name__).splitlines()[-1]
+            kept = f"saved at iteration {run.saved_it}" if run.saved_it else "nothing saved yet"
+            raise Fault(f"{what} at iteration {state.it}; {kept}: the same command resumes") \
+                from None
         finally:  # the workers ignore SIGTERM (ignore_signals): end them through their queues
             if getattr(loader, "_iterator", None) is not None:
                 loader._iterator._shutdown_workers()
 
-def train_epochs(state, loader, sampler, data, args, device, out, stop):
-    first_epoch, ckpt = state.it // sampler.steps, out / "checkpoint.pth"
+def train_epochs(state, run):
+    """Epochs from where the checkpoint left off; returns the exit status (130: stopped)."""
+    args, ckpt = run.args, run.out / "checkpoint.pth"
+    first_epoch = state.it // run.sampler.steps
+    if state.it == 0 and args.eval_every:  # the baseline: the network at random initialization
+        evaluate(state, run, 0)
     for epoch in range(first_epoch, args.epochs):
-        finished = train_one_epoch(state, loader, sampler, epoch, args, device, out, stop)
-        save_checkpoint(state, args, ckpt) if is_main() else None
+        finished = train_one_epoch(state, run, epoch)
+        run.save(state)
         if not finished:
             print(f"stopped at iteration {state.it}: saved {ckpt}; the same command resumes")
             return 130
         if args.eval_every and ((epoch + 1) % args.eval_every == 0 or epoch + 1 == args.epochs):
-            evaluate(state, data, args, device, epoch + 1, out)
+            evaluate(state, run, epoch + 1)
         if args.pause_after_epochs and epoch + 1 - first_epoch >= args.pause_after_epochs:
             return 0
     if is_main():
-        torch.save(bare(state.teacher).backbone.state_dict(), out / "teacher_backbone.pth")
-        print(f"done: teacher backbone in {out / 'teacher_backbone.pth'}")
+        torch.save(bare(state.teacher).backbone.state_dict(), run.out / "teacher_backbone.pth")
+        print(f"done: teacher backbone in {run.out / 'teacher_backbone.pth'}")
+        print(f"skipped {len(run.skipped)} files that could not be decoded: "
+              + ", ".join(sorted(run.skipped))) if run.skipped else None
     return 0
 
-def train_one_epoch(state, loader, sampler, epoch, args, device, out, stop):
+def train_one_epoch(state, run, epoch):
     """Returns False when a stop was requested (the step in flight is finished first)."""
+    args, sampler = run.args, run.sampler
     sampler.epoch, sampler.start_step = epoch, state.it - epoch * sampler.steps
     steps, t0, left = 0, time.perf_counter(), args.epochs * sampler.steps - state.it
-    for views, _ in loader:
-        views = to_device(views, args, device, state.it)
+    for views, _, bad in run.loader:
+        for path in set(bad) - run.skipped - {""}:  # named once, replaced by another image
+            log(run.out, {"type": "skipped", "it": state.it, "file": path},
+                {"skipped": f"{path}: cannot decode it, replaced by another image"})
+        run.skipped |= set(bad) - {""}
+        views = to_device(views, args, run.device, state.it)
         torch.manual_seed(seed_for(args.seed, state.it))  # drop-path: a function of the step
-        loss, teacher_probs, teacher_feats = train_step(state, views, epoch)
-        steps, left, it, s = steps + 1, left - 1, state.it - 1, state.schedules
+        run.in_step = True
+        with children_wait():
+            loss, teacher_probs, teacher_feats = train_step(state, views, epoch)
+        run.in_step, steps, left = False, steps + 1, left - 1
         if state.it % args.log_every == 0 or state.it == (epoch + 1) * sampler.steps:
-            seconds = time.perf_counter() - t0
-            record = {"type": "step", "epoch": epoch, "it": state.it, "loss": loss.item(),
-                      **collapse_metrics(loss, teacher_probs, teacher_feats),
-                      "lr": s.lr[it], "wd": s.wd[it], "momentum": s.momentum[it],
-                      "teacher_temp": s.teacher_temp[epoch],
-                      "img_per_s": steps * views[0].shape[0] * world_size() / seconds}
-            # the epoch as e/E, and the time left at this epoch's rate (k-NN not counted)
-            log(out, record, {**record, "epoch": f"{epoch + 1}/{args.epochs}",
-                              "left": f"{left * seconds / steps / 60:.1f} min"})
-        if stop:
+            log_step(state, run, epoch, loss, teacher_probs, teacher_feats,
+                     seconds_per_step=(time.perf_counter() - t0) / steps, steps_left=left)
+        if args.save_every_minutes and time.time() - run.saved_at > 60 * args.save_every_minutes:
+            run.save(state)
+        if run.stop:
             return False
     return True
+
+def log_step(state, run, epoch, loss, teacher_probs, teacher_feats, seconds_per_step, steps_left):
+    """The step's loss, collapse diagnostics and schedules; printed with the epoch as e/E and
+    the time left at this epoch's rate (the k-NN evaluations not counted)."""
+    s, it, B = state.schedules, state.it - 1, run.args.batch_size_per_gpu * world_size()
+    record = {"type": "step", "epoch": epoch, "it": state.it, "loss": loss.item(),
+              **collapse_metrics(loss, teacher_probs, teacher_feats),
+              "lr": s.lr[it], "wd": s.wd[it], "momentum": s.momentum[it],
+              "teacher_temp": s.teacher_temp[epoch], "img_per_s": B / seconds_per_step}
+    log(run.out, record, {**record, "epoch": f"{epoch + 1}/{run.args.epochs}",
+                          "left": f"{steps_left * seconds_per_step / 60:.1f} min"})
 
 def estimate_cpu_time(state, dataset, args, device, total_steps):
     """Time one step on a copy of the state (the run is untouched) and say what the run costs:
     without a preset the defaults are the paper's, made for 16 GPUs."""
-    views, _ = default_collate([dataset[(0, i)] for i in range(args.batch_size_per_gpu)])
+    views = default_collate([dataset[(0, i)] for i in range(args.batch_size_per_gpu)])[0]
     t0 = time.perf_counter()
     train_step(copy.deepcopy(state), to_device(views, args, device, 0), 0)
     hours = (time.perf_counter() - t0) * total_steps / 3600
@@ -994,7 +1084,7 @@ def benchmark(args):
     torch.set_num_threads(1)  # as in a loader worker
     per_image = seconds(lambda: [dataset[(1, i)] for i in range(len(items))], 2) / len(items)
     torch.set_num_threads(args.threads or os.cpu_count())
-    views, _ = default_collate([dataset[(0, i % len(items))] for i in range(B)])
+    views = default_collate([dataset[(0, i % len(items))] for i in range(B)])[0]
     state = build(args, device, iters_per_epoch=100)  # schedules long enough for the timed steps
 
     def step():
@@ -1132,6 +1222,7 @@ FLAGS = [
     ("threads", int, None, "torch threads (default: all cores)"),
     ("eval_every", int, 10, "epochs between weighted k-NN evaluations (and one at start); 0: none"),
     ("log_every", int, 10, "iterations between log lines"),
+    ("save_every_minutes", float, 10.0, "also save a checkpoint this often; 0: once per epoch"),
     ("pause_after_epochs", int, 0, "stop cleanly after this many epochs; the same command goes on"),
 ]
 CHOICES = {"arch": list(ARCHS), "preset": list(PRESETS), "precision": list(AMP_DTYPES) + ["auto"],
@@ -1210,9 +1301,8 @@ def main(argv=None):
         message = str(e).strip().splitlines()[-1].split("UsageError: ")[-1]
         print(f"error: {message}", file=sys.stderr)
         return 2
-    except FloatingPointError as e:
-        print(f"error: {e}; the last checkpoint is kept in {args.output_dir}. Try --precision "
-              "fp32, a lower --lr or --teacher_temp, then rerun to resume", file=sys.stderr)
+    except Fault as e:  # a NaN loss: try --precision fp32, a lower --lr or --teacher_temp
+        print(f"error: {e}", file=sys.stderr)
         return 1
     finally:
         dist.destroy_process_group() if dist.is_initialized() else None
