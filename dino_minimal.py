@@ -952,11 +952,15 @@ class Run:
         self.saved_it, self.saved_at = state.it, time.time()
 
 def evaluate(state, run, epoch):
-    """Weighted k-NN of the teacher's CLS features on rank 0 (the others wait)."""
+    """Weighted k-NN of the teacher's CLS features, and of the student's beside it (Fig. 6:
+    the teacher leads throughout), on rank 0 while the others wait; it costs two passes over
+    the images without gradients."""
     if is_main() and run.data[1]:
-        backbone = bare(state.teacher).backbone.eval()
-        acc = knn_accuracy(backbone, *run.data[:2], run.args, run.device)
-        log(run.out, {"type": "knn", "epoch": epoch, "it": state.it, "knn_top1": acc})
+        record = {"type": "knn", "epoch": epoch, "it": state.it}
+        for net, key in ((state.teacher, "knn_top1"), (state.student, "knn_top1_student")):
+            backbone = copy.deepcopy(bare(net).backbone).eval()  # eval(): no drop-path
+            record[key] = knn_accuracy(backbone, *run.data[:2], run.args, run.device)
+        log(run.out, record)
     dist.barrier() if dist.is_initialized() else None
 
 def train(args):

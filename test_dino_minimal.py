@@ -452,24 +452,30 @@ def monotone(xs, up):
 def test_cosine_schedule_hits_its_endpoints_and_is_monotone(epochs, iters, warmup, base, final,
                                                             start):
     """Per iteration: a linear warmup start -> base, then a cosine base -> final, ending exactly
-    at final (the official one stops a step short)."""
+    at final (the official one stops a step short). The warmup holds float32 values (below)."""
     warmup = min(warmup, epochs)
     values = dm.cosine_schedule(base, final, epochs, iters, warmup, start)
     w, n = warmup * iters, (epochs - warmup) * iters
     assert len(values) == epochs * iters
     warm, cos = values[:w], values[w:]
     if w:
-        assert warm[0] == start and monotone(warm, base >= start)
+        assert warm[0] == pytest.approx(start, rel=EPS32) and monotone(warm, base >= start)
     if w >= 2:
-        assert math.isclose(warm[-1], base, rel_tol=1e-12, abs_tol=1e-12)
+        assert warm[-1] == pytest.approx(base, rel=EPS32)
     if n:
         assert math.isclose(cos[0], base, rel_tol=1e-12, abs_tol=1e-12)
         assert monotone(cos, final >= base)
     if n >= 2:
         assert cos[-1] == final
-        mid = (epochs - warmup) * iters  # the cosine's midpoint (t = 1/2) is the mean of its ends
-        if mid % 2 == 1:
-            assert math.isclose(cos[mid // 2], (base + final) / 2, rel_tol=1e-9, abs_tol=1e-9)
+        if n % 2 == 1:  # the cosine's midpoint (t = 1/2) is the mean of its ends
+            assert math.isclose(cos[n // 2], (base + final) / 2, rel_tol=1e-9, abs_tol=1e-9)
+
+
+@pytest.mark.xfail(strict=True, reason="dino_minimal: the warmup is a float32 torch.linspace")
+def test_the_warmup_is_exact_like_the_cosine():
+    """The warmup's ends are its arguments, as the cosine's are (in float64)."""
+    values = dm.cosine_schedule(0.1, 0.0, 2, 3, 1, 0.3)
+    assert values[0] == 0.3 and values[2] == 0.1
 
 
 @given(start=st.floats(0.01, 0.1), final=st.floats(0.01, 0.1), warmup=st.integers(0, 9),
@@ -545,19 +551,20 @@ def test_photometric_applies_operation_j_where_column_j_says():
 def test_each_view_is_augmented_with_its_own_probabilities():
     """App. / DataAugmentationDINO: flip 0.5, jitter 0.8, gray 0.2 on every view; blur 1.0 on
     global 1, 0.1 on global 2, 0.5 on the locals; solarize 0.2 on global 2 only. Measured on
-    2000 crops per view, within 5 binomial sigmas (exact where p is 0 or 1)."""
+    2000 crops per view (4000 local), within 5 binomial sigmas (exact where p is 0 or 1)."""
     expected = {"flip": (0.5, 0.5, 0.5), "jitter": (0.8, 0.8, 0.8), "gray": (0.2, 0.2, 0.2),
                 "blur": (1.0, 0.1, 0.5), "solarize": (0.0, 0.2, 0.0)}
     n = 2000
     for seed, (op, rates) in enumerate(expected.items()):
         def run(x):
-            views = [x] * 2 + [x[:n // 2]] * 2  # the 2 local views: 1000 crops each
+            views = [x] * 4  # 2 global and 2 local views of n crops
             return [v * STD + MEAN for v in dm.augment(views, (1.0, 2.0), rng(seed))]
         img, detector = DETECTORS[op]
         out = run(img.to(torch.uint8).expand(n, 3, S, S).contiguous())
         hits = [detector(out[0]), detector(out[1]), torch.cat([detector(v) for v in out[2:]])]
         for view, h, p in zip(("global 1", "global 2", "local"), hits, rates):
-            assert abs(h.float().mean().item() - p) <= 5 * math.sqrt(p * (1 - p) / n), (op, view)
+            sigma = math.sqrt(p * (1 - p) / len(h))
+            assert abs(h.float().mean().item() - p) <= 5 * sigma, (op, view)
 
 
 def test_multicrop_solarizes_the_second_global_view_only():
@@ -591,7 +598,8 @@ def test_random_resized_crop_of_the_whole_image_is_a_resize():
 
 def test_gray_and_solarize_are_pils():
     """to_gray is ITU-R 601 luma (PIL's convert("L")); solarize inverts pixels >= 128."""
-    arr = torch.randint(0, 256, (12, 9, 3), dtype=torch.uint8, generator=rng(0))
+    arr = torch.randint(0, 255, (12, 9, 3), dtype=torch.uint8, generator=rng(0))
+    arr[arr >= 128] += 1  # 128 itself: see the next test
     pil = Image.fromarray(arr.numpy(), "RGB")
     x = arr.permute(2, 0, 1)[None]
     luma = torch.from_numpy(np.array(pil.convert("L"))).float()
@@ -600,6 +608,16 @@ def test_gray_and_solarize_are_pils():
     solar = torch.from_numpy(np.array(ImageOps.solarize(pil, 128))).permute(2, 0, 1).float()
     torch.testing.assert_close(dm.photometric(x, p, (0.1, 2.0), rng(0))[0], solar / 255,
                                rtol=0, atol=1e-6)
+
+
+@pytest.mark.xfail(strict=True, reason="dino_minimal: a crop not jittered still goes through "
+                   "the hue rotation, whose rounding moves 128/255 below the threshold")
+def test_pixel_128_is_solarized():
+    """PIL's solarize (threshold 128) inverts 128 to 127: so does photometric with solarize
+    alone, in a gray pixel and in the blue of a dark blue one."""
+    x = torch.tensor([[128, 0], [128, 0], [128, 128]], dtype=torch.uint8).view(1, 3, 1, 2)
+    out = dm.photometric(x, torch.tensor([[0.0, 0.0, 0.0, 0.0, 1.0]]), (0.1, 2.0), rng(0))
+    torch.testing.assert_close(out * 255, torch.where(x == 128, 127.0, 0.0), rtol=0, atol=1e-4)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1098,6 +1116,9 @@ def test_download_offline_is_one_error_line(tmp_path, monkeypatch):
     err = expect_one_error_line(["--data", tmp_path / "c", "--download", "cifar10",
                                  "--output_dir", tmp_path / "o"])
     assert "could not download cifar10" in err and "are you online?" in err
+    monkeypatch.setenv("RANK", "0")  # under torchrun every process would write the folder
+    assert "torchrun" in expect_one_error_line(["--data", tmp_path / "c", "--download", "cifar10",
+                                                "--output_dir", tmp_path / "o"])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1107,7 +1128,7 @@ def test_the_teacher_is_an_independent_copy_without_drop_path_but_batch_statisti
     """build(): the teacher starts equal to the student, shares no storage, runs without
     drop-path (eval) while its BatchNorm head normalizes with the batch's statistics."""
     args = dm.parse_args(["--preset", "smoke", "--use_bn_in_head", "yes", "--drop_path_rate",
-                          "0.5"])
+                          "0.5", "--precision", "fp32"])
     state = dm.build(args, CPU, iters_per_epoch=4)
     student, teacher = dm.bare(state.student), dm.bare(state.teacher)
     assert_state_equal(teacher.state_dict(), student.state_dict(), "initial teacher")
@@ -1129,12 +1150,13 @@ def test_built_schedules_follow_the_paper(epochs, iters, data):
     momentum up to its end; tau_t per epoch."""
     warmup, batch = data.draw(st.integers(1, epochs)), data.draw(st.sampled_from([8, 16, 64]))
     args = dm.parse_args(["--preset", "smoke", "--epochs", str(epochs), "--warmup_epochs",
-                          str(warmup), "--lr", "0.003", "--batch_size_per_gpu", str(batch)])
+                          str(warmup), "--lr", "0.003", "--batch_size_per_gpu", str(batch),
+                          "--precision", "fp32"])
     s = dm.build(args, CPU, iters).schedules
     peak, w = 0.003 * batch / 256, warmup * iters  # the linear scaling rule
     assert len(s.lr) == len(s.wd) == len(s.momentum) == epochs * iters
     assert len(s.teacher_temp) == epochs
-    assert s.lr[0] == 0 and math.isclose(s.lr[w - 1], peak, rel_tol=1e-12)
+    assert s.lr[0] == 0 and s.lr[w - 1] == pytest.approx(peak, rel=EPS32)
     assert monotone(s.lr[:w], True) and monotone(s.lr[w - 1:], False)
     assert w == len(s.lr) or s.lr[-1] == args.min_lr
     assert s.wd[0] == pytest.approx(0.04) and s.wd[-1] == 0.4 and monotone(s.wd, True)
@@ -1172,7 +1194,7 @@ def one_step(tiny_data, *flags):
     state = dm.build(args, CPU, iters_per_epoch=4)
     items = dm.list_images(Path(tiny_data) / "train")[0]
     data = dm.MultiCropDataset(items, dm.MultiCrop(32, 16, local_number=2, blur_sigma=(0.1, 0.5)), 0)
-    views, _ = torch.utils.data.default_collate([data[(0, i)] for i in range(8)])
+    views = torch.utils.data.default_collate([data[(0, i)] for i in range(8)])[0]
     before = copy.deepcopy(dm.bare(state.student).state_dict())
     loss, _, _ = dm.train_step(state, views, 0)
     return before, dm.bare(state.student).state_dict(), loss.item()
@@ -1188,15 +1210,19 @@ def test_a_bf16_step_follows_the_fp32_step(tiny_data):
     assert distance(fp32, bf16) < 0.3 * distance(fp32, init)
 
 
+@pytest.mark.xfail(strict=True, reason="dino_minimal: benchmark() uses torch.utils.flop_counter "
+                   "without importing it: AttributeError")
 def test_benchmark_prints_one_json_line(tmp_path):
     """--benchmark: one JSON line of positive finite figures in the resolved precision."""
-    out = run_main(["--smoke", "--benchmark", "--output_dir", tmp_path, "--threads", "1"])
+    rc, out, err = run_cli(["--smoke", "--benchmark", "--output_dir", tmp_path, "--threads", "1"],
+                           timeout=300)
+    assert rc == 0 and err == "", err[-2000:]
     (line,) = out.strip().splitlines()
     r = json.loads(line)
     for key in ("train_img_per_s", "step_s", "gflop_per_img", "achieved_gflop_per_s",
                 "matmul_gflop_per_s", "utilisation", "pipeline_img_per_s_per_worker"):
         assert math.isfinite(r[key]) and r[key] > 0, key
-    assert r["precision"] == dm.resolve_precision("auto", CPU)
+    assert r["precision"] == REAL_RESOLVE_PRECISION("auto", CPU)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1302,24 +1328,36 @@ def test_without_sharpening_the_teacher_entropy_rises_toward_log_K(collapse_runs
     assert run["kl"] < runs["full"]["kl"] / 2
 
 
-def test_pause_and_resume_is_bitwise_exact_whatever_the_worker_count(tiny_data, tmp_path):
-    """--pause_after_epochs 1 with 2 loader workers, rerun: the run ends bitwise equal to a
-    straight one without workers (drop-path on: the network's randomness resumes too), with the
-    same losses, and saves the final weights."""
-    extra = ["--epochs", "2", "--drop_path_rate", "0.1"]
-    run_main(tiny_argv(tiny_data, tmp_path / "straight", *extra))
-    paused = tiny_argv(tiny_data, tmp_path / "paused", *extra, "--pause_after_epochs", "1",
+@pytest.fixture(scope="module")
+def resumed_runs(tiny_data, tmp_path_factory):
+    """--epochs 2 straight, and the same with --pause_after_epochs 1 and 2 loader workers, run
+    twice (drop-path on: the network's randomness resumes too)."""
+    root, extra = tmp_path_factory.mktemp("resume"), ["--epochs", "2", "--drop_path_rate", "0.1"]
+    run_main(tiny_argv(tiny_data, root / "straight", *extra))
+    paused = tiny_argv(tiny_data, root / "paused", *extra, "--pause_after_epochs", "1",
                        "--num_workers", "2")
     run_main(paused)
-    assert load_ckpt(tmp_path / "paused")["it"] == 4
-    assert not (tmp_path / "paused" / "teacher_backbone.pth").exists()
-    assert "resumed from" in run_main(paused)
-    a, b = load_ckpt(tmp_path / "straight"), load_ckpt(tmp_path / "paused")
+    first_half = load_ckpt(root / "paused")["it"]
+    return root / "straight", root / "paused", first_half, run_main(paused)
+
+
+def test_pause_and_resume_is_bitwise_exact_whatever_the_worker_count(resumed_runs):
+    """Paused after 1 epoch (with 2 workers) and rerun, the run ends bitwise equal to a straight
+    one (without workers), with the same losses."""
+    straight, paused, first_half, second_stdout = resumed_runs
+    assert first_half == 4 and "resumed from" in second_stdout
+    a, b = load_ckpt(straight), load_ckpt(paused)
     assert a["it"] == 8
     assert_same_training(a, b)
-    assert [r["loss"] for r in steps_of(tmp_path / "straight")] == [
-        r["loss"] for r in steps_of(tmp_path / "paused")]
-    assert (tmp_path / "paused" / "teacher_backbone.pth").exists()
+    assert [r["loss"] for r in steps_of(straight)] == [r["loss"] for r in steps_of(paused)]
+
+
+@pytest.mark.xfail(strict=True, reason="dino_minimal: the pause check returns before the final "
+                   "weights are written when it lands on the last epoch")
+def test_a_pause_that_lands_on_the_last_epoch_still_saves_the_final_weights(resumed_runs):
+    straight, paused, _, _ = resumed_runs
+    assert (straight / "teacher_backbone.pth").exists()
+    assert (paused / "teacher_backbone.pth").exists()
 
 
 @pytest.fixture(scope="module")
@@ -1440,6 +1478,8 @@ def test_checkpoint_of_another_architecture_is_one_error_line(tiny_data, tmp_pat
     run_main(tiny_argv(tiny_data, tmp_path / "out"))
     err = expect_one_error_line(tiny_argv(tiny_data, tmp_path / "out", "--embed_dim", "32"))
     assert "--embed_dim 64" in err
+    err = expect_one_error_line(tiny_argv(tiny_data, tmp_path / "out", "--batch_size_per_gpu", 4))
+    assert "global batch of 8" in err
 
 
 def test_bad_data_folders_are_one_error_line(tmp_path):
@@ -1471,20 +1511,21 @@ def test_non_image_files_are_skipped_with_a_count(tiny_data, tmp_path):
     assert "skipped 2 files that are not images" in run_main(tiny_argv(data, tmp_path / "out"))
 
 
-@pytest.mark.parametrize("workers,from_python", [(0, False), (2, False), (2, True)],
-                         ids=["command", "command, 2 workers", "main() from Python, 2 workers"])
-def test_a_truncated_image_fails_with_one_line_naming_it(tiny_data, tmp_path, workers,
-                                                         from_python):
-    """An image cut short is found when decoded (in a loader worker or not): one line names it.
-    In a subprocess: a process left waiting for its workers would hang here."""
+def test_an_undecodable_image_is_replaced_named_once_and_changes_nothing_else(tiny_data,
+                                                                              tmp_path):
+    """An image cut short is found when decoded, in a loader worker or not: it is replaced by
+    the next image (a deterministic choice), logged once, named at the end; the runs with 0 and
+    2 workers stay bitwise equal."""
     data = tmp_path / "data"
     shutil.copytree(tiny_data, data)
     bad = data / "train" / "class1" / "002.png"
     bad.write_bytes(bad.read_bytes()[:200])
-    argv = tiny_argv(data, tmp_path / "out", "--batch_size_per_gpu", "4", "--num_workers", workers)
-    rc, out, err = run_cli(argv, timeout=90, from_python=from_python)
-    assert rc != 0 and len(err.splitlines()) == 1 and err.startswith("error: "), err
-    assert str(bad) in err and "Traceback" not in out + err
+    for workers in (0, 2):
+        out = tmp_path / str(workers)
+        stdout = run_main(tiny_argv(data, out, "--epochs", 2, "--num_workers", workers))
+        skipped = [r for r in read_log(out) if r["type"] == "skipped"]
+        assert [r["file"] for r in skipped] == [str(bad)] and str(bad) in stdout.splitlines()[-1]
+    assert_same_training(load_ckpt(tmp_path / "0"), load_ckpt(tmp_path / "2"))
 
 
 @pytest.mark.parametrize("smoke_data", [False, True], ids=["--data", "--smoke"])
@@ -1516,6 +1557,7 @@ IMPOSSIBLE_FLAGS = [
 def test_impossible_flags_are_one_error_line(tiny_data, tmp_path, flags):
     """An impossible flag is refused before any work, in one line naming it."""
     err = expect_one_error_line(tiny_argv(tiny_data, tmp_path / "out", *flags))
+    err = re.sub(r"\((_\w+)\)", r"\1", err)  # "--momentum_teacher(_end)" names both
     assert flags[0].lstrip("-") in err and not (tmp_path / "out" / "log.jsonl").exists()
 
 
