@@ -60,6 +60,7 @@ from torch import nn
 from torch.amp import GradScaler
 from torch.nn.utils.parametrizations import weight_norm
 from torch.utils.data import default_collate
+from torch.utils.flop_counter import FlopCounterMode
 from torchvision.transforms.functional import pil_to_tensor
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -266,8 +267,9 @@ class DINOLoss(nn.Module):
 # ----------------------------------------------------------------------------------------------
 def cosine_schedule(base, final, epochs, iters_per_epoch, warmup_epochs=0, warmup_start=0.0):
     """One value per iteration: a linear warmup to base, then a cosine from base to final."""
-    warmup = torch.linspace(warmup_start, base, warmup_epochs * iters_per_epoch).double()
-    n = epochs * iters_per_epoch - len(warmup)
+    n = warmup_epochs * iters_per_epoch
+    warmup = torch.linspace(warmup_start, base, n, dtype=torch.float64)
+    n = epochs * iters_per_epoch - n
     t = torch.arange(n, dtype=torch.float64) / max(n - 1, 1)  # 0 .. 1 inclusive: ends at final
     # v(t) = final + (base - final) (1 + cos(pi t)) / 2
     cosine = final + 0.5 * (base - final) * (1 + torch.cos(math.pi * t))
@@ -378,24 +380,26 @@ def to_gray(x):
 RGB_TO_YIQ = torch.tensor([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]])
 
 def color_jitter(x, on, rng):
-    """ColorJitter(brightness 0.4, contrast 0.4, saturation 0.2, hue 0.1) where `on`."""
+    """ColorJitter(brightness 0.4, contrast 0.4, saturation 0.2, hue 0.1) of the crops where
+    `on`: factors b ~ U(0.6, 1.4), c ~ U(0.6, 1.4), s ~ U(0.8, 1.2), a hue shift ~ U(-0.1, 0.1)."""
     n = x.shape[0]
+    draws = [centre + spread * (2 * torch.rand(n, generator=rng) - 1)
+             for centre, spread in ((1, 0.4), (1, 0.4), (1, 0.2), (0, 0.1))]
+    b, c, s = (d[on].view(-1, 1, 1, 1).to(x.device) for d in draws[:3])  # (m, 1, 1, 1)
+    theta = 2 * math.pi * draws[3][on]  # (m,)
 
-    def factor(spread, centre=1.0):  # U(centre - spread, centre + spread) where on, else centre
-        u = centre + spread * (2 * torch.rand(n, generator=rng) - 1)
-        return torch.where(on, u, torch.tensor(centre)).view(n, 1, 1, 1)
+    def jitter(x):  # (m, 3, h, w): the crops where on
+        x = (b * x).clamp(0, 1)  # brightness: a blend with black
+        x = (c * x + (1 - c) * to_gray(x).mean((1, 2, 3), keepdim=True)).clamp(0, 1)  # contrast
+        x = (s * x + (1 - s) * to_gray(x)).clamp(0, 1)  # saturation: a blend with the gray image
+        # hue: x <- T^-1 R(theta) T x, a rotation of the chroma plane (I, Q) of YIQ
+        R = torch.zeros(len(theta), 3, 3)
+        R[:, 0, 0], R[:, 1, 1], R[:, 2, 2] = 1, theta.cos(), theta.cos()
+        R[:, 1, 2], R[:, 2, 1] = -theta.sin(), theta.sin()
+        M = torch.linalg.inv(RGB_TO_YIQ) @ R @ RGB_TO_YIQ  # (m, 3, 3)
+        return torch.einsum("nij,njhw->nihw", M.to(x.device), x).clamp(0, 1)
 
-    b, c, s, hue = factor(0.4), factor(0.4), factor(0.2), factor(0.1, 0.0).view(n)
-    b, c, s = b.to(x.device), c.to(x.device), s.to(x.device)
-    x = (x * b).clamp(0, 1)  # brightness: blend with black
-    x = (c * x + (1 - c) * to_gray(x).mean((1, 2, 3), keepdim=True)).clamp(0, 1)  # with mean gray
-    x = (s * x + (1 - s) * to_gray(x)).clamp(0, 1)  # saturation: blend with the gray image
-    # hue: x <- T^-1 R(2 pi hue) T x, a rotation of the chroma plane (I, Q) of YIQ
-    cos, sin = torch.cos(2 * math.pi * hue), torch.sin(2 * math.pi * hue)
-    R = torch.zeros(n, 3, 3)
-    R[:, 0, 0], R[:, 1, 1], R[:, 1, 2], R[:, 2, 1], R[:, 2, 2] = 1, cos, -sin, sin, cos
-    M = torch.linalg.inv(RGB_TO_YIQ) @ R @ RGB_TO_YIQ  # (n, 3, 3)
-    return torch.einsum("nij,njhw->nihw", M.to(x.device), x).clamp(0, 1)
+    return where(on, x, jitter)
 
 def gaussian_blur(x, on, sigma_range, rng):
     """Separable Gaussian blur, sigma ~ U(sigma_range) per crop, of the crops where `on`."""
@@ -1016,7 +1020,7 @@ def train_epochs(state, run):
             return 130
         if args.eval_every and ((epoch + 1) % args.eval_every == 0 or epoch + 1 == args.epochs):
             evaluate(state, run, epoch + 1)
-        if args.pause_after_epochs and epoch + 1 - first_epoch >= args.pause_after_epochs:
+        if 0 < args.pause_after_epochs <= epoch + 1 - first_epoch and epoch + 1 < args.epochs:
             return 0
     if is_main():
         torch.save(bare(state.teacher).backbone.state_dict(), run.out / "teacher_backbone.pth")
@@ -1094,7 +1098,7 @@ def benchmark(args):
     def step():
         train_step(state, to_device(views, args, device, state.it), 1)
 
-    with torch.utils.flop_counter.FlopCounterMode(display=False) as counter:
+    with FlopCounterMode(display=False) as counter:
         step()
     step_s, flop = seconds(step, 5, cuda), counter.get_total_flops() / B
     a = torch.randn(4096, 4096, device=device, dtype=AMP_DTYPES[args.precision] or torch.float32)
