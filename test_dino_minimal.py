@@ -380,13 +380,16 @@ def test_teacher_temperature_warms_up_linearly_per_epoch(start, final, warmup, e
 
 # 5. Multi-crop augmentation: 2 global + L local views, each with its view's probabilities ----
 @pytest.mark.parametrize("local_number", [0, 1, 3])
-def test_multicrop_gives_two_global_and_L_local_normalized_views(local_number):
-    """[g1, g2, l1..lL] at their sizes; ImageNet-normalized [0, 1] pixels (black stays black);
-    uint8 crops alone without the photometric half."""
-    crops = dm.MultiCrop(32, 16, local_number=local_number, blur_sigma=(0.1, 0.5))
+def test_multicrop_gives_two_global_and_L_local_normalized_views(local_number, monkeypatch):
+    """[g1, g2, l1..lL], each cropped at its view's size and scale; ImageNet-normalized [0, 1]
+    pixels (black stays black); uint8 crops alone without the photometric half."""
+    crops = dm.MultiCrop(32, 16, (0.4, 1.0), (0.05, 0.4), local_number, (0.1, 0.5))
     img = torch.randint(0, 256, (3, 48, 40), dtype=torch.uint8, generator=rng(0))
-    sizes = [32, 32] + [16] * local_number
+    sizes, asked, crop = [32, 32] + [16] * local_number, [], dm.random_resized_crop
+    monkeypatch.setattr(dm, "random_resized_crop", lambda img, size, scale, rng: asked.append(
+        (size, scale)) or crop(img, size, scale, rng))
     views = crops(img, rng(1))
+    assert asked == [(32, (0.4, 1.0))] * 2 + [(16, (0.05, 0.4))] * local_number
     assert [(v.dtype, tuple(v.shape)) for v in views] == [(torch.float32, (3, s, s)) for s in sizes]
     assert all(-1e-6 <= (v * STD + MEAN).min() <= (v * STD + MEAN).max() <= 1 + 1e-6 for v in views)
     raw = crops(img, rng(1), photometric=False)
@@ -655,6 +658,10 @@ def tiny_data(tmp_path_factory):
     """4 classes x 12 generated 40-px images: 36 to train on (9 per class), 12 k-NN queries."""
     return dm.make_synthetic_images(tmp_path_factory.mktemp("tiny"), 4, 12, 40, seed=0)
 
+# --preset smoke written out as flags: the same run without a preset
+SMOKE_AS_FLAGS = [f for k, v in dm.PRESETS["smoke"].items()
+                  for f in (f"--{k}", *map(str, v if isinstance(v, tuple) else (v,)))]
+
 def tiny_argv(data, out, *extra, preset=("--preset", "smoke")):
     """The smoke model on tiny_data: 4 steps of 8 images per epoch, no k-NN, fp32, a log line
     per step."""
@@ -712,24 +719,13 @@ def read_log(out, kind=None):
 def load_ckpt(out):
     return torch.load(Path(out) / "checkpoint.pth", map_location="cpu", weights_only=True)
 
-def assert_state_equal(a, b, what):
-    """Bitwise equality of two nested state dicts."""
-    if isinstance(a, torch.Tensor):
-        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b), what
-    elif isinstance(a, dict):
-        assert isinstance(b, dict) and a.keys() == b.keys(), what
-        for k, v in a.items():
-            assert_state_equal(v, b[k], f"{what}.{k}")
-    elif isinstance(a, (list, tuple)):
-        assert isinstance(b, (list, tuple)) and len(a) == len(b), what
-        for i, (x, y) in enumerate(zip(a, b)):
-            assert_state_equal(x, y, f"{what}[{i}]")
-    else:
-        assert a == b, what
+def assert_bitwise_equal(a, b):
+    """Nested state dicts equal bit for bit (tensors, their dtypes, numbers, lists)."""
+    torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 def assert_same_training(a, b):
     for part in ("student", "teacher", "dino_loss", "optimizer", "scaler", "it"):
-        assert_state_equal(a[part], b[part], part)
+        assert_bitwise_equal(a[part], b[part])
 
 def distance(a, b):
     return math.sqrt(sum(((a[k] - b[k]).double() ** 2).sum().item() for k in a))
@@ -870,7 +866,7 @@ def test_the_teacher_is_an_independent_copy_without_drop_path_but_batch_statisti
                           "0.5", "--precision", "fp32"])
     state = dm.build(args, CPU, iters_per_epoch=4)
     student, teacher = dm.bare(state.student), dm.bare(state.teacher)
-    assert_state_equal(teacher.state_dict(), student.state_dict(), "initial teacher")
+    assert_bitwise_equal(teacher.state_dict(), student.state_dict())
     assert not {p.data_ptr() for p in teacher.parameters()} & {
         p.data_ptr() for p in student.parameters()}
     x = randn(6, 3, 32, 32, seed=1)
@@ -936,7 +932,7 @@ def test_a_bf16_step_follows_the_fp32_step(tiny_data):
     in the same direction, differing by much less than its own size."""
     init, fp32, loss32 = one_step(tiny_data, "--precision", "fp32")
     init16, bf16, loss16 = one_step(tiny_data, "--precision", "bf16")
-    assert_state_equal(init, init16, "initial weights")
+    assert_bitwise_equal(init, init16)
     assert abs(loss16 - loss32) <= 2**-8 * loss32 and distance(fp32, bf16) < 0.3 * distance(
         fp32, init)
 
@@ -958,10 +954,8 @@ def seeded_runs(tiny_data, tmp_path_factory):
     """2 epochs of the smoke model: seed 5 twice, seed 7, and seed 5 without --preset (its
     values written out as flags); their output dirs and stdouts."""
     root, result = tmp_path_factory.mktemp("seeds"), {}
-    written = [f for k, v in dm.PRESETS["smoke"].items()
-               for f in (f"--{k}", *map(str, v if isinstance(v, tuple) else (v,)))]
     for name, seed, preset in (("a", 5, ("--preset", "smoke")), ("b", 5, ("--preset", "smoke")),
-                               ("c", 7, ("--preset", "smoke")), ("no_preset", 5, written)):
+                               ("c", 7, ("--preset", "smoke")), ("no_preset", 5, SMOKE_AS_FLAGS)):
         argv = tiny_argv(tiny_data, root / name, "--epochs", 2, "--seed", seed, preset=preset)
         result[name] = (root / name, run_main(argv))
     return result
@@ -996,14 +990,13 @@ def test_fig7_in_miniature_either_half_alone_collapses(tmp_path):
     """Sec. 5.3, Fig. 7: the smoke model for 44 steps with centering and sharpening, without
     centering, without sharpening. A high lr and teacher momentum 0.99 let the teacher move; the
     sharper tau_t = 0.02 keeps the full run away from the uniform end at this tiny scale."""
-    root = tmp_path
+    root, runs = tmp_path, {}
     data = dm.make_synthetic_images(root / "data", classes=10, per_class=24, size=40, seed=0)
     common = tiny_argv(data, root, "--epochs", 4, "--warmup_epochs", 0, "--lr", 0.005,
                        "--momentum_teacher", 0.99, "--batch_size_per_gpu", 16)
     sharp = ["--teacher_temp", "0.02", "--warmup_teacher_temp", "0.02"]
     regimes = {"full": sharp, "no_centering": [*sharp, "--center_momentum", "1"],
                "no_sharpening": ["--teacher_temp", "0.1", "--warmup_teacher_temp", "0.1"]}
-    runs = {}
     for name, flags in regimes.items():
         run_main([*common, *flags, "--output_dir", root / name])
         steps = read_log(root / name, "step")
@@ -1072,6 +1065,39 @@ def test_sigkill_mid_epoch_leaves_a_loadable_checkpoint_and_the_rerun_finishes(d
     stdout = run_main(argv)
     assert f"resumed from {out / 'checkpoint.pth'} at iteration {ckpt['it']}" in stdout
     assert (out / "teacher_backbone.pth").exists() and load_ckpt(out)["it"] == 36
+
+class PowerCut(BaseException):
+    """The process dies here: dino_minimal catches no BaseException."""
+
+@pytest.mark.parametrize("death", [PowerCut, OSError], ids=["killed", "disk full"])
+def test_a_write_cut_short_leaves_the_last_checkpoint_whole(tiny_data, tmp_path, monkeypatch,
+                                                            death):
+    """The second checkpoint fails halfway through its writing, the process killed there or the
+    disk full (then one error line, status 1, no temporary file left): the first checkpoint is
+    whole, and the same command resumes from it and finishes."""
+    out, real_save, argv = tmp_path / "out", torch.save, tiny_argv(tiny_data, tmp_path / "out",
+                                                                   "--epochs", 2)
+
+    def save_then_fail(obj, f, *args, **kwargs):
+        if not (out / "checkpoint.pth").exists():
+            return real_save(obj, f, *args, **kwargs)
+        buffer = io.BytesIO()
+        real_save(obj, buffer)
+        Path(f).write_bytes(buffer.getvalue()[:len(buffer.getvalue()) // 2])
+        raise death(28, "No space left on device") if death is OSError else death()
+
+    monkeypatch.setattr(torch, "save", save_then_fail)
+    if death is OSError:
+        rc, _, err = main_captured(argv)
+        assert rc == 1 and len(err.splitlines()) == 1 and "could not write" in err, err
+        assert not (out / "checkpoint.tmp").exists()
+    else:
+        with pytest.raises(PowerCut):
+            main_captured(argv)
+    monkeypatch.undo()
+    assert load_ckpt(out)["it"] == 4
+    run_main(argv)
+    assert load_ckpt(out)["it"] == 8 and (out / "teacher_backbone.pth").exists()
 
 @pytest.mark.parametrize("how", ["SIGTERM to the process", "Ctrl-C to the group, 2 workers"])
 def test_a_stop_signal_finishes_the_step_saves_and_the_rerun_continues(data48, tmp_path, how):
@@ -1179,7 +1205,7 @@ def test_official_checkpoints_map_onto_the_vit(prefix):
                  "student": {"module.backbone.cls_token": torch.zeros(1)}, "epoch": 3}
     target = dm.VisionTransformer(img_size=32, patch_size=8, dim=16, depth=2, heads=2)
     target.load_state_dict(dm.official_state_dict(state), strict=True)
-    assert_state_equal(target.state_dict(), source.state_dict(), "vit")
+    assert_bitwise_equal(target.state_dict(), source.state_dict())
 
 def test_command_line_smoke_run_end_to_end(tmp_path):
     """The file's first command: it trains in the resolved precision, logs the loss, collapse
@@ -1201,19 +1227,21 @@ def test_command_line_smoke_run_end_to_end(tmp_path):
     assert ckpt["it"] == steps[-1]["it"]
     vit = dm.build_vit(dm.parse_args(["--smoke"]))
     vit.load_state_dict(torch.load(out / "teacher_backbone.pth", weights_only=True), strict=True)
-    assert_state_equal(vit.state_dict(), {k.removeprefix("backbone."): v for k, v in
-                                          ckpt["teacher"].items() if k.startswith("backbone.")},
-                       "teacher backbone")
+    assert_bitwise_equal(vit.state_dict(), {k.removeprefix("backbone."): v for k, v in
+                                            ckpt["teacher"].items() if k.startswith("backbone.")})
+
+def torchrun(argv):
+    """The command line as 2 processes of torchrun (gloo on the CPU)."""
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                           "--nproc_per_node=2", str(SCRIPT), *argv], env=ENV, text=True,
+                          capture_output=True, timeout=300, check=False)
 
 def test_torchrun_two_cpu_processes_match_one_process_with_twice_the_batch(tmp_path):
     """torchrun (gloo): 2 x B equals 1 x 2B: the same center (a mean over both processes'
     batches) and the same steps, up to the reduction order's rounding."""
     data = dm.make_synthetic_images(tmp_path / "data", classes=2, per_class=16, size=40, seed=2)
-    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                          "--nproc_per_node=2", str(SCRIPT), *tiny_argv(
-                              data, tmp_path / "two", "--batch_size_per_gpu", 4,
-                              "--warmup_epochs", 0)],
-                         env=ENV, capture_output=True, text=True, timeout=300, check=False)
+    two = torchrun(tiny_argv(data, tmp_path / "two", "--batch_size_per_gpu", 4,
+                             "--warmup_epochs", 0))
     assert two.returncode == 0, two.stderr[-3000:]
     run_main(tiny_argv(data, tmp_path / "one", "--warmup_epochs", 0))  # 3 steps of 8, lr > 0
     run_main(tiny_argv(data, tmp_path / "init", "--warmup_epochs", 0, "--lr", 0))  # initial
@@ -1223,3 +1251,12 @@ def test_torchrun_two_cpu_processes_match_one_process_with_twice_the_batch(tmp_p
                                atol=1e-6)
     for net in ("student", "teacher"):
         assert distance(two[net], one[net]) < 1e-2 * distance(one[net], init[net])
+
+@pytest.mark.xfail(strict=True, reason="dino_minimal: without --preset rank 0 alone times a step "
+                   "(estimate_cpu_time): its DDP and center all_reduce wait for rank 1")
+def test_torchrun_on_cpus_without_preset_runs(tmp_path):
+    """The note's timed step must not hang or break a torchrun run (the smoke values as flags)."""
+    data = dm.make_synthetic_images(tmp_path / "data", classes=2, per_class=16, size=40, seed=2)
+    two = torchrun(tiny_argv(data, tmp_path / "two", "--batch_size_per_gpu", 4,
+                             preset=SMOKE_AS_FLAGS))
+    assert two.returncode == 0 and load_ckpt(tmp_path / "two")["it"] == 3, two.stderr[-3000:]
