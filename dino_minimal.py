@@ -23,16 +23,8 @@ Shapes: B images, V = 2 + L views, N tokens, D width, K prototypes (--out_dim). 
 outputs are *view-major*: rows [v*B:(v+1)*B] of a (V*B, ...) tensor are view v, so row b of
 every view comes from image b. The official code relies on this without a word.
 
-Where this file departs from the official code (facebookresearch/dino), and why:
-- Augmentations are batched tensor ops on uint8 crops, not PIL: antialiased bilinear resizing,
-  colour jitter in a fixed order with hue as a rotation in YIQ space (an approximation of the
-  HSV hue shift), an exact Gaussian blur. 3x faster per worker, and the same code runs on a
-  whole batch on the GPU (--augment_on_device).
-- Randomness is a pure function of (seed, epoch, image) for augmentations and (seed, iteration)
-  for the network: resuming is bitwise exact, and results do not depend on --num_workers.
-- Cosine schedules end exactly at their final value (the official ones stop one step short).
-- bf16 autocast instead of fp16 where the hardware runs it (--precision); one device needs no
-  torch.distributed; the weighted k-NN runs inside training, its features in fp32.
+Where this file departs from the paper and the official code (facebookresearch/dino), and why,
+is listed once, in README.md; each departure is also named where it is made.
 """
 import argparse
 import copy
@@ -270,7 +262,8 @@ def cosine_schedule(base, final, epochs, iters_per_epoch, warmup_epochs=0, warmu
     n = warmup_epochs * iters_per_epoch
     warmup = torch.linspace(warmup_start, base, n, dtype=torch.float64)
     n = epochs * iters_per_epoch - n
-    t = torch.arange(n, dtype=torch.float64) / max(n - 1, 1)  # 0 .. 1 inclusive: ends at final
+    # t = 0 .. 1 inclusive: ends exactly at final (the official schedule stops a step short)
+    t = torch.arange(n, dtype=torch.float64) / max(n - 1, 1)
     # v(t) = final + (base - final) (1 + cos(pi t)) / 2
     cosine = final + 0.5 * (base - final) * (1 + torch.cos(math.pi * t))
     return torch.cat([warmup, cosine]).tolist()
@@ -300,7 +293,9 @@ def ema_update(teacher, student, momentum):
 # Each image becomes 2 global views (224 px, 40-100% of its area) and L local views (96 px,
 # 5-40%). The teacher sees only the global views, the student all of them: matching a local
 # view to a global one teaches "local-to-global" correspondence. Each crop is then flipped,
-# colour-jittered, turned gray, blurred and solarized, each with the probability of its view:
+# colour-jittered, turned gray, blurred and solarized, each with the probability of its view.
+# (A departure: batched tensor ops on uint8 crops instead of PIL, 3x faster per worker, and
+# the same code runs on a whole batch on the GPU; hue is a rotation in YIQ space.)
 VIEWS = {  #     flip  jitter  gray  blur  solarize          (official DataAugmentationDINO)
     "global 1": (0.5, 0.8, 0.2, 1.0, 0.0),
     "global 2": (0.5, 0.8, 0.2, 0.1, 0.2),
@@ -985,7 +980,10 @@ def train(args):
               f"classes; views 2 x {args.global_crop_size} px + {args.local_crops_number} x "
               f"{args.local_crop_size} px; {sampler.steps} iterations per epoch on "
               f"{world_size()} x {device} in {args.precision}")
-    if device.type == "cpu" and not (args.preset or args.smoke) and state.it == 0 and is_main():
+    # a CPU run with the paper's defaults: say what it costs (in one process only: the timed
+    # step's collectives would wait for the other processes)
+    paper_defaults = not (args.preset or args.smoke or dist.is_initialized())
+    if device.type == "cpu" and paper_defaults and state.it == 0:
         estimate_cpu_time(state, dataset, args, device, sampler.steps * args.epochs)
     with StopRequest() as stop:
         run = Run(args, device, out, data, loader, sampler, stop)
