@@ -601,6 +601,8 @@ def load_splits(args):
     else:
         items, classes = list_images(root, args.local_crop_size)
         train, val = [x for k, x in enumerate(items) if k % 5], items[::5]
+    if not train:
+        raise UsageError(f"no images found under {root}: expected {root}/<class>/<images>")
     if len(train) < args.batch_size_per_gpu * world_size():
         raise UsageError(f"{len(train)} training images under {root} but a batch of "
                          f"{args.batch_size_per_gpu * world_size()}: lower --batch_size_per_gpu")
