@@ -911,7 +911,7 @@ def ignore_signals(_worker_id):
 @contextmanager
 def children_wait():
     """Hold SIGCHLD for the duration: PyTorch raises a loader worker's death from its SIGCHLD
-    handler, which must not cut a step in half; it is raised after it, on the next line."""
+    handler, which must not cut a step or a checkpoint's write in half; it is raised after."""
     hold = hasattr(signal, "pthread_sigmask")  # not on Windows
     signal.pthread_sigmask(signal.SIG_BLOCK, [signal.SIGCHLD]) if hold else None
     try:
@@ -949,7 +949,8 @@ class Run:
     skipped: set = field(default_factory=set)  # files that could not be decoded
 
     def save(self, state):
-        save_checkpoint(state, self.args, self.out / "checkpoint.pth") if is_main() else None
+        with children_wait():  # a worker's death is not a failed write
+            save_checkpoint(state, self.args, self.out / "checkpoint.pth") if is_main() else None
         self.saved_it, self.saved_at = state.it, time.time()
 
 def evaluate(state, run, epoch):
@@ -999,8 +1000,9 @@ def train(args):
             if not run.in_step and state.it > 0:
                 run.save(state)
             what = (str(e).strip() or type(e).__name__).splitlines()[-1]
-            kept = f"saved at iteration {run.saved_it}" if run.saved_it else "nothing saved yet"
-            raise Fault(f"{what} at iteration {state.it}; {kept}: the same command resumes") \
+            ckpt = out / "checkpoint.pth"
+            kept = f"{ckpt} holds iteration {run.saved_it}" if run.saved_it else "nothing saved"
+            raise Fault(f"{what} (iteration {state.it}); {kept}; the same command resumes") \
                 from None
         finally:  # the workers ignore SIGTERM (ignore_signals): end them through their queues
             if getattr(loader, "_iterator", None) is not None:

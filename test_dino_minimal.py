@@ -1058,6 +1058,58 @@ def test_sigkill_mid_epoch_leaves_a_loadable_checkpoint_and_the_rerun_finishes(d
     assert f"resumed from {out / 'checkpoint.pth'} at iteration {ckpt['it']}" in stdout
     assert (out / "teacher_backbone.pth").exists() and load_ckpt(out)["it"] == 36
 
+@pytest.fixture(scope="module")
+def straight48(data48, tmp_path_factory):
+    """start_run's command, run straight through: the reference for exact resumes."""
+    out = tmp_path_factory.mktemp("straight48")
+    run_main(tiny_argv(data48, out, "--batch_size_per_gpu", "4", "--epochs", "3"))
+    return load_ckpt(out)
+
+def children(pid):
+    return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+
+def test_a_killed_loader_worker_ends_in_one_line_and_the_rerun_is_exact(data48, straight48,
+                                                                        tmp_path):
+    """The out-of-memory killer takes a loader worker mid-epoch: one line, status 1, the last
+    finished step saved; the same command resumes and ends bitwise equal to a straight run."""
+    out = tmp_path / "run"
+    argv, proc = start_run(data48, out, "--num_workers", "1")
+    wait_for_step(proc, out, lambda r: r["epoch"] >= 1 and r["it"] % 12 != 0)
+    os.kill(children(proc.pid)[0], signal.SIGKILL)
+    _, err = proc.communicate(timeout=120)
+    lines = err.strip().splitlines()
+    assert proc.returncode == 1 and len(lines) == 1, err
+    assert lines[0].startswith("error: DataLoader worker") and "same command resumes" in lines[0]
+    saved = load_ckpt(out)["it"]
+    assert saved % 12 != 0 and f"holds iteration {saved}" in lines[0]  # not an epoch's end
+    assert f"at iteration {saved}" in run_main(argv)
+    assert_same_training(straight48, load_ckpt(out))
+
+def test_a_timed_checkpoint_mid_epoch_resumes_exactly(data48, straight48, tmp_path):
+    """--save_every_minutes writes checkpoints inside an epoch: after a SIGKILL the same
+    command resumes from the last of them and ends bitwise equal to a straight run."""
+    out = tmp_path / "run"
+    argv, proc = start_run(data48, out, "--save_every_minutes", "1e-6")  # after every step
+    wait_for_step(proc, out, lambda r: r["epoch"] >= 1 and r["it"] % 12 > 2)
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate(timeout=60)
+    saved = load_ckpt(out)["it"]
+    assert saved % 12 != 0 and f"resumed from {out / 'checkpoint.pth'} at iteration {saved}" in (
+        run_main(argv))
+    assert_same_training(straight48, load_ckpt(out))
+
+def test_a_nan_loss_ends_in_one_line_and_keeps_the_last_checkpoint(tiny_data, tmp_path):
+    """A loss that is not finite stops the run before the step is taken: one line that says
+    what to try, status 1, the last checkpoint (of the epoch before) kept as it was."""
+    run_main(tiny_argv(tiny_data, tmp_path, "--epochs", "2", "--pause_after_epochs", "1"))
+    before = load_ckpt(tmp_path)
+    rc, _, err = main_captured(tiny_argv(tiny_data, tmp_path, "--epochs", "2",
+                                         "--teacher_temp", "1e-45"))
+    assert rc == 1 and len(err.strip().splitlines()) == 1, err
+    assert err.startswith("error: loss is nan") and "--precision fp32" in err
+    assert f"holds iteration {before['it']}" in err
+    assert_same_training(before, load_ckpt(tmp_path))
+
 class PowerCut(BaseException):
     """The process dies here: dino_minimal catches no BaseException."""
 
