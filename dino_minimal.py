@@ -600,7 +600,10 @@ def load_splits(args):
         val = list_images(root / "val")[0] if (root / "val").is_dir() else []
     else:
         items, classes = list_images(root, args.local_crop_size)
-        train, val = [x for k, x in enumerate(items) if k % 5], items[::5]
+        train, val = [], []
+        for _, same_class in groupby(items, key=lambda item: item[1]):
+            for k, item in enumerate(same_class):
+                (val if k % 5 == 0 else train).append(item)
     if not train:
         raise UsageError(f"no images found under {root}: expected {root}/<class>/<images>")
     if len(train) < args.batch_size_per_gpu * world_size():

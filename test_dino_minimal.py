@@ -819,6 +819,19 @@ class FakeDataset:
     def __iter__(self):
         return iter(self.items)
 
+def test_one_tree_holds_out_every_fifth_image_of_each_class(tmp_path):
+    """DIR/<class>/*: the 1st, 6th, ... image of each class is a k-NN query, the rest train."""
+    for name, count in (("a", 7), ("b", 3)):
+        (tmp_path / name).mkdir()
+        for i in range(count):
+            Image.new("RGB", (20, 20)).save(tmp_path / name / f"{i}.png")
+    args = dm.parse_args(["--data", str(tmp_path), "--batch_size_per_gpu", "2",
+                          "--global_crop_size", "16", "--local_crop_size", "16"])
+    train, val, classes = dm.load_splits(args)
+    assert classes == ["a", "b"] and len(train) == 7
+    assert [(p.parent.name, p.name) for p, _ in val] == [("a", "0.png"), ("a", "5.png"),
+                                                         ("b", "0.png")]
+
 def test_download_writes_capped_class_folders_of_lossless_pngs(tmp_path, monkeypatch):
     """root/train/<class>/0000.png.. the first 1000 images of each class, root/val/<class>/ the
     first 200, equal to the originals; a class name is cut at "/"; a rerun fetches nothing."""
