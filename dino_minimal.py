@@ -1117,6 +1117,9 @@ def benchmark(args):
     if cuda:
         result["peak_mem_mb"] = torch.cuda.max_memory_allocated() / 2**20
         result["reserved_mem_mb"] = torch.cuda.max_memory_reserved() / 2**20
+    else:  # the process's peak resident memory (Unix)
+        import resource
+        result["peak_mem_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10
     print(json.dumps(result))
     return result
 
