@@ -783,6 +783,7 @@ class FusedAttention(Attention):
 
 def build(args, device, iters_per_epoch):
     """Student, teacher, loss, optimizer and schedules, in the precision and speed chosen."""
+    args.precision = resolve_precision(args.precision, device)
     vit = build_vit(args, args.drop_path_rate)  # the backbone first: the seed's order
     head = DINOHead(vit.embed_dim, args.out_dim, args.head_hidden_dim, args.bottleneck_dim,
                     args.norm_last_layer, args.use_bn_in_head)
@@ -970,7 +971,7 @@ def evaluate(state, run, epoch):
 
 def train(args):
     device, out = setup_device(args.device), Path(args.output_dir)
-    args.precision, data = resolve_precision(args.precision, device), load_splits(args)
+    data = load_splits(args)
     rank = dist.get_rank() if dist.is_initialized() else 0
     sampler = EpochSampler(len(data[0]), args.batch_size_per_gpu, rank, world_size(), args.seed)
     dataset = MultiCropDataset(data[0], multicrop_of(args), args.seed, not args.augment_on_device)
@@ -1089,7 +1090,6 @@ def benchmark(args):
     product in the step's precision timed in the same run, memory, and the data pipeline's
     images/s per worker (426 x 320 JPEGs, all crops)."""
     device = setup_device(args.device)
-    args.precision = resolve_precision(args.precision, device)
     cuda, B = device.type == "cuda", args.batch_size_per_gpu
     root = make_synthetic_images(Path(args.output_dir) / "bench_data", 2, 8, (320, 426), ext=".jpg")
     items = list_images(Path(root) / "train")[0]
