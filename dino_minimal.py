@@ -914,14 +914,19 @@ def ignore_signals(_worker_id):
 
 @contextmanager
 def children_wait():
-    """Hold SIGCHLD for the duration: PyTorch raises a loader worker's death from its SIGCHLD
-    handler, which must not cut a step or a checkpoint's write in half; it is raised after."""
-    hold = hasattr(signal, "pthread_sigmask")  # not on Windows
-    signal.pthread_sigmask(signal.SIG_BLOCK, [signal.SIGCHLD]) if hold else None
+    """PyTorch raises a loader worker's death from its SIGCHLD handler, wherever the main thread
+    is; a step or a checkpoint's write must not be cut in half: the handler runs after them."""
+    if not hasattr(signal, "SIGCHLD"):  # Windows
+        yield
+        return
+    caught = []
+    previous = signal.signal(signal.SIGCHLD, lambda *received: caught.append(received))
     try:
         yield
     finally:
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, [signal.SIGCHLD]) if hold else None
+        signal.signal(signal.SIGCHLD, previous)
+        if caught and callable(previous):
+            previous(*caught[0])
 
 def to_device(views, args, device, it):
     """Move a batch to the device; with --augment_on_device the photometric half of the
@@ -999,11 +1004,13 @@ def train(args):
             return train_epochs(state, run)
         except Fault:
             raise
-        except (RuntimeError, OSError, FloatingPointError) as e:  # every fault takes this path:
+        except Exception as e:  # every fault takes this path (a killed worker raises any kind):
             # the last finished step is saved (if no step was half done), one line, status 1
+            if hasattr(signal, "SIGCHLD"):  # the loader has failed: its workers are no news
+                signal.signal(signal.SIGCHLD, signal.SIG_DFL)
             if not run.in_step and state.it > 0:
                 run.save(state)
-            what = (str(e).strip() or type(e).__name__).splitlines()[-1]
+            what = ": ".join([type(e).__name__, *str(e).strip().splitlines()[-1:]])
             ckpt = out / "checkpoint.pth"
             kept = f"{ckpt} holds iteration {run.saved_it}" if run.saved_it else "nothing saved"
             raise Fault(f"{what} (iteration {state.it}); {kept}; the same command resumes") \
@@ -1047,10 +1054,11 @@ def train_one_epoch(state, run, epoch):
         run.skipped |= set(bad) - {""}
         views = to_device(views, args, run.device, state.it)
         torch.manual_seed(seed_for(args.seed, state.it))  # drop-path: a function of the step
-        run.in_step = True
         with children_wait():
+            run.in_step = True
             loss, teacher_probs, teacher_feats = train_step(state, views, epoch)
-        run.in_step, steps, left = False, steps + 1, left - 1
+            run.in_step = False
+        steps, left = steps + 1, left - 1
         if state.it % args.log_every == 0 or state.it == (epoch + 1) * sampler.steps:
             log_step(state, run, epoch, loss, teacher_probs, teacher_feats,
                      seconds_per_step=(time.perf_counter() - t0) / steps, steps_left=left)
