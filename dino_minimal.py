@@ -1260,6 +1260,7 @@ def yes_no(text):
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser("dino_minimal", description=__doc__.split("\n\n")[0],
+                                     usage="python dino_minimal.py --data DIR [--flag value ...]",
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     for name, kind, default, why in FLAGS:
         if name in SWITCHES:
