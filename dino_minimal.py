@@ -860,10 +860,11 @@ def resume(state, args, path):
         raise UsageError(f"{path} holds another model ({flags}): pass those flags or another "
                          "--output_dir")
     # the schedules are indexed by iteration: another global batch would change their meaning
-    saved = ckpt["args"]["batch_size_per_gpu"] * ckpt["world_size"]
+    processes = ckpt.get("world_size", 1)  # absent from checkpoints of one process before it
+    saved = ckpt["args"]["batch_size_per_gpu"] * processes
     if saved != args.batch_size_per_gpu * world_size():
-        raise UsageError(f"{path} was trained with a global batch of {saved} ({ckpt['world_size']}"
-                         f" processes), this run has {args.batch_size_per_gpu * world_size()}: "
+        raise UsageError(f"{path} was trained with a global batch of {saved} ({processes} "
+                         f"processes), this run has {args.batch_size_per_gpu * world_size()}: "
                          "match them, or pass another --output_dir")
     bare(state.student).load_state_dict(ckpt["student"])
     bare(state.teacher).load_state_dict(ckpt["teacher"])
