@@ -83,6 +83,8 @@ def drop_path(x, p, training):
     return x * keep / (1 - p)
 
 class Attention(nn.Module):
+    """Multi-head self-attention: h heads of width d = D / h, each softmax(Q K^T / sqrt(d)) V."""
+
     def __init__(self, dim, heads):
         super().__init__()
         self.heads = heads
@@ -124,6 +126,9 @@ class Block(nn.Module):
         return x + drop_path(self.mlp(self.norm2(x)), self.drop_path_rate, self.training)
 
 class VisionTransformer(nn.Module):
+    """ViT: p x p patches embedded, a CLS token, position embeddings, pre-norm blocks; the
+    final CLS token is the image's feature (the paper's backbone f)."""
+
     def __init__(self, img_size=224, patch_size=16, dim=384, depth=12, heads=6, drop_path_rate=0.0):
         super().__init__()
         self.patch_size, self.embed_dim = patch_size, dim
