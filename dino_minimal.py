@@ -667,10 +667,11 @@ def eval_batch(batch):
     for path, size in batch:
         try:
             views.append(eval_view(load_rgb(path), size))
+            ok.append(True)
         except UsageError:
             views.append(torch.zeros(3, size, size))
-        ok.append(views[-1].any())
-    return torch.stack(views), torch.stack(ok)
+            ok.append(False)
+    return torch.stack(views), torch.tensor(ok)
 
 @torch.no_grad()
 def extract_features(backbone, items, size, device, workers=0):
@@ -742,8 +743,11 @@ def download(name, root):
 # 9. Precision and speed: every choice made only for speed, each with the figure behind it
 #    (notebooks/RESULTS.md, Performance). None changes the algorithm of Part I.
 # ----------------------------------------------------------------------------------------------
+def rank():
+    return dist.get_rank() if dist.is_initialized() else 0
+
 def is_main():
-    return not dist.is_initialized() or dist.get_rank() == 0
+    return rank() == 0
 
 def world_size():
     return dist.get_world_size() if dist.is_initialized() else 1
@@ -940,8 +944,7 @@ def to_device(views, args, device, it):
     views = [v.to(device, non_blocking=True) for v in views]
     if not args.augment_on_device:
         return views
-    rank = dist.get_rank() if dist.is_initialized() else 0
-    rng = torch.Generator().manual_seed(seed_for(args.seed, it, rank))
+    rng = torch.Generator().manual_seed(seed_for(args.seed, it, rank()))
     return augment(views, args.blur_sigma, rng)
 
 class Fault(Exception):
@@ -983,8 +986,7 @@ def evaluate(state, run, epoch):
 def train(args):
     device, out = setup_device(args.device), Path(args.output_dir)
     data = load_splits(args)
-    rank = dist.get_rank() if dist.is_initialized() else 0
-    sampler = EpochSampler(len(data[0]), args.batch_size_per_gpu, rank, world_size(), args.seed)
+    sampler = EpochSampler(len(data[0]), args.batch_size_per_gpu, rank(), world_size(), args.seed)
     dataset = MultiCropDataset(data[0], multicrop_of(args), args.seed, not args.augment_on_device)
     loader = torch.utils.data.DataLoader(
         dataset, args.batch_size_per_gpu, sampler=sampler, num_workers=args.num_workers,
