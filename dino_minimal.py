@@ -11,7 +11,8 @@ Part II is what it takes to run it: data, the loop, checkpoints, precision and s
 the command line. Algorithm 1 of the paper, name by name:
 
     paper        meaning                              here
-    gs, gt       student and teacher networks         MultiCropNet(VisionTransformer, DINOHead)
+    gs, gt       student and teacher networks         MultiCropNet(VisionTransformer, DINOHead);
+                                                      a ResNet in place of the ViT: --arch
     tps, tpt     student and teacher temperatures     DINOLoss.student_temp, Schedules.teacher_temp
     C            the center, a (1, K) buffer          DINOLoss.center, DINOLoss.update_center()
     H(t, s)      cross-entropy -sum t log s           DINOLoss.forward()
@@ -47,12 +48,14 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+import torchvision
 from PIL import Image
 from torch import nn
 from torch.amp import GradScaler
 from torch.nn.utils.parametrizations import weight_norm
 from torch.utils.data import default_collate
 from torch.utils.flop_counter import FlopCounterMode
+from torchvision.models.resnet import BasicBlock, Bottleneck
 from torchvision.transforms.functional import pil_to_tensor
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -178,6 +181,20 @@ class VisionTransformer(nn.Module):
         for block in self.blocks[:-1]:
             x = block(x)
         return self.blocks[-1].attn(self.blocks[-1].norm1(x), return_attention=True)
+
+class ResNet(torchvision.models.ResNet):
+    """The paper's framework takes "a ViT or a ResNet" as f (Sec. 3.1, Table 2): torchvision's
+    resnet18 or resnet50, randomly initialized, without its classifier: f(x) is the globally
+    average-pooled feature of the last stage, (B, 512) or (B, 2048)."""
+
+    def __init__(self, arch):
+        block, depths = {"resnet18": (BasicBlock, [2, 2, 2, 2]),
+                         "resnet50": (Bottleneck, [3, 4, 6, 3])}[arch]
+        super().__init__(block, depths)
+        self.embed_dim, self.fc = self.fc.in_features, nn.Identity()
+
+    def get_last_selfattention(self, x):
+        raise TypeError("a convnet has no self-attention, hence no attention maps: use a ViT")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -451,7 +468,7 @@ class TrainState:
     student: nn.Module  # g_s
     teacher: nn.Module  # g_t: an independent copy of the student, never given gradients
     dino_loss: DINOLoss  # holds the center C
-    optimizer: torch.optim.Optimizer  # AdamW over param_groups(student)
+    optimizer: torch.optim.Optimizer  # AdamW (SGD for a convnet) over param_groups(student)
     schedules: Schedules
     clip_grad: float = 3.0
     freeze_last_layer: int = 1  # epochs during which the prototypes stay fixed
@@ -535,7 +552,7 @@ def eval_view(img, size):
     top, left = (img.shape[1] - size) // 2, (img.shape[2] - size) // 2
     return normalize(img[None, :, top:top + size, left:left + size].float() / 255)[0]
 
-def knn_classify(train_f, train_y, test_f, test_y, k=20, T=0.07, chunk=1024):
+def knn_classify(train_f, train_y, test_f, test_y, k=20, T=0.07, chunk=256):
     """Weighted k-NN top-1 in %: each class scores sum over the k nearest of exp(cos / T)."""
     train_f, test_f = F.normalize(train_f.float(), dim=1), F.normalize(test_f.float(), dim=1)
     k, classes, correct = min(k, len(train_f)), int(train_y.max()) + 1, 0
@@ -661,26 +678,42 @@ class EpochSampler(torch.utils.data.Sampler):
             yield from ((self.epoch, i) for i in perm[first:first + self.batch])
 
 def eval_batch(batch):
-    """Loader workers decode the k-NN's images: [(path, size)] -> (n, 3, size, size), and which
-    of them could be decoded: the others are left out of the k-NN."""
-    views, ok = [], []
-    for path, size in batch:
+    """Loader workers decode the k-NN's images: [(path, label, size)] -> (n, 3, size, size) and
+    the labels, -1 for an image that cannot be decoded (it is left out of the k-NN)."""
+    views, labels = [], []
+    for path, label, size in batch:
         try:
             views.append(eval_view(load_rgb(path), size))
-            ok.append(True)
+            labels.append(label)
         except UsageError:
             views.append(torch.zeros(3, size, size))
-            ok.append(False)
-    return torch.stack(views), torch.tensor(ok)
+            labels.append(-1)
+    return torch.stack(views), torch.tensor(labels)
 
 @torch.no_grad()
 def extract_features(backbone, items, size, device, workers=0):
-    """backbone(eval_view(image)) in fp32 for every (path, label) item: (n, D), (n,)."""
-    loader = torch.utils.data.DataLoader([(path, size) for path, _ in items], batch_size=256,
-                                         num_workers=workers, collate_fn=eval_batch)
-    feats, ok = zip(*[(backbone(x.to(device)).float().cpu(), ok) for x, ok in loader])
-    ok = torch.cat(ok)
-    return torch.cat(feats)[ok], torch.tensor([label for _, label in items])[ok]
+    """backbone(eval_view(image)) in fp32 for every (path, label) item: (n, D), (n,) on the
+    device. Each of W processes takes every W-th item; the shares are then gathered."""
+    share = [(path, label, size) for path, label in items[rank()::world_size()]]
+    loader = torch.utils.data.DataLoader(share, batch_size=256, num_workers=workers,
+                                         collate_fn=eval_batch)
+    feats, labels = [], []
+    for x, y in loader:
+        feats.append(backbone(x.to(device)).float())
+        labels.append(y.to(device))
+    feats, labels = torch.cat(feats), torch.cat(labels)
+    if dist.is_initialized():
+        feats, labels = gather_shares(feats, len(items)), gather_shares(labels, len(items))
+    return feats[labels >= 0], labels[labels >= 0]
+
+def gather_shares(x, n):
+    """Every process's share items[r::W] of n items, gathered back into item order: (n, ...)."""
+    W = world_size()
+    m = -(-n // W)  # ceil(n / W): the shares padded to one length, with -1
+    x = torch.cat([x, x.new_full((m - len(x), *x.shape[1:]), -1)])  # (m, ...)
+    shares = [torch.empty_like(x) for _ in range(W)]
+    dist.all_gather(shares, x)  # no process waits on another's k-NN: all compute the same
+    return torch.stack(shares, 1).flatten(0, 1)[:n]  # row j*W + r is item j*W + r
 
 def knn_accuracy(backbone, train_items, val_items, args, device):
     """Weighted k-NN top-1 (App. F.1): the training set is the memory, val the queries."""
@@ -713,8 +746,7 @@ def download(name, root):
     """Fetch a dataset with torchvision into root (one line if it cannot): Imagenette's 320-px
     release, or the laptop sets cifar10 and fashion_mnist written as root/{train,val}/<class>/
     with the first 1,000 images of each class of the training set and 200 of the test set."""
-    import torchvision.datasets as tvd
-    root = Path(root)
+    tvd, root = torchvision.datasets, Path(root)
     try:
         if name == "imagenette":
             for split in ("train", "val"):
@@ -763,17 +795,21 @@ def setup_device(name):
     mps = name == "auto" and torch.backends.mps.is_available()
     return torch.device("mps" if mps else "cpu" if name == "auto" else name)
 
-def resolve_precision(precision, device):
+def resolve_precision(precision, device, convnet=False):
     """--precision auto: bf16 autocast where the hardware has bf16 units (GPUs of compute
     capability 8.0 and up; CPUs with AVX512-BF16 or AMX, where it measured 1.7x the images/s
     of fp32 with the same k-NN); fp16 with a GradScaler on older GPUs (T4, V100), as the
-    official --use_fp16; else fp32, since emulated bf16 is slower."""
+    official --use_fp16; else fp32, since emulated bf16 is slower. A convnet on a CPU: fp32,
+    since PyTorch's bf16 convolution backward there returned non-finite weight gradients for a
+    1 x 1 input (a ResNet's last stage on a 16-px crop)."""
     if precision != "auto":
         return precision
     if device.type == "cuda":
         major, minor = torch.cuda.get_device_capability(device)
         precision = "bf16" if major >= 8 else "fp16"
         why = f"compute capability {major}.{minor}: bf16 units from 8.0 on"
+    elif convnet:
+        precision, why = "fp32", "a convnet: bf16 convolutions fail on 1 x 1 inputs on a CPU"
     else:
         flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
         native = device.type == "cpu" and (" avx512_bf16" in flags or " amx_bf16" in flags)
@@ -792,20 +828,27 @@ class FusedAttention(Attention):
 
 def build(args, device, iters_per_epoch):
     """Student, teacher, loss, optimizer and schedules, in the precision and speed chosen."""
-    args.precision = resolve_precision(args.precision, device)
-    vit = build_vit(args, args.drop_path_rate)  # the backbone first: the seed's order
-    head = DINOHead(vit.embed_dim, args.out_dim, args.head_hidden_dim, args.bottleneck_dim,
+    args.precision = resolve_precision(args.precision, device, args.arch not in ARCHS)
+    if args.arch in ARCHS:  # the backbone first: the seed's order
+        backbone = build_vit(args, args.drop_path_rate)
+    else:
+        backbone = ResNet(args.arch)
+    head = DINOHead(backbone.embed_dim, args.out_dim, args.head_hidden_dim, args.bottleneck_dim,
                     args.norm_last_layer, args.use_bn_in_head)
-    student = MultiCropNet(vit, head).to(device)
+    student = MultiCropNet(backbone, head).to(device)
     for m in student.modules():  # same weights and names, another kernel
         if type(m) is Attention and not (device.type == "cpu" and args.precision == "bf16"):
             m.__class__ = FusedAttention
     if dist.is_initialized() and device.type == "cuda":  # a BatchNorm head over all GPUs
         student = nn.SyncBatchNorm.convert_sync_batchnorm(student)
     teacher = copy.deepcopy(student).eval().requires_grad_(False)  # eval(): no drop-path
-    teacher.head.train()  # but, as official, BatchNorm in its head uses the batch's statistics
-    # fused AdamW: one pass over the weights, 4x faster than the foreach version on a CPU
-    opt = torch.optim.AdamW(param_groups(student), lr=0.0, fused=device.type in ("cuda", "cpu"))
+    for m in teacher.modules():  # but, as official, its BatchNorms use the batch's statistics
+        if isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d, nn.SyncBatchNorm)):
+            m.train()
+    if args.optimizer == "sgd":  # the official choice for convnets
+        opt = torch.optim.SGD(param_groups(student), lr=0.0, momentum=0.9)
+    else:  # fused: one pass over the weights, 4x faster than the foreach version on a CPU
+        opt = torch.optim.AdamW(param_groups(student), lr=0.0, fused=device.type in ("cuda", "cpu"))
     dino_loss = DINOLoss(args.out_dim, args.student_temp, args.center_momentum).to(device)
     scaler = GradScaler(device.type, enabled=args.precision == "fp16")
     state = TrainState(student, teacher, dino_loss, opt, schedules(args, iters_per_epoch),
@@ -840,7 +883,7 @@ def bare(model):
 # ----------------------------------------------------------------------------------------------
 # 10. The loop: checkpoints (atomic, exact resume), stopping, logging, evaluation
 # ----------------------------------------------------------------------------------------------
-ARCH_FLAGS = ("arch", "patch_size", "embed_dim", "depth", "num_heads", "out_dim",
+ARCH_FLAGS = ("arch", "optimizer", "patch_size", "embed_dim", "depth", "num_heads", "out_dim",
               "head_hidden_dim", "bottleneck_dim", "norm_last_layer", "use_bn_in_head")
 
 def save_checkpoint(state, args, path):
@@ -973,15 +1016,14 @@ class Run:
 
 def evaluate(state, run, epoch):
     """Weighted k-NN of the teacher's CLS features, and of the student's beside it (Fig. 6:
-    the teacher leads throughout), on rank 0 while the others wait; it costs two passes over
-    the images without gradients."""
-    if is_main() and run.data[1]:
+    the teacher leads throughout): two passes over the images without gradients, shared by
+    all processes, which then all compute the same k-NN."""
+    if run.data[1]:
         record = {"type": "knn", "epoch": epoch, "it": state.it}
         for net, key in ((state.teacher, "knn_top1"), (state.student, "knn_top1_student")):
             backbone = copy.deepcopy(bare(net).backbone).eval()  # eval(): no drop-path
             record[key] = knn_accuracy(backbone, *run.data[:2], run.args, run.device)
         log(run.out, record)
-    dist.barrier() if dist.is_initialized() else None
 
 def train(args):
     device, out = setup_device(args.device), Path(args.output_dir)
@@ -1213,7 +1255,8 @@ FLAGS = [
     ("smoke", bool, False, "= --preset smoke on generated images: the loop in seconds on a CPU"),
     ("benchmark", bool, False, "print one JSON line of training and data pipeline speed"),
     ("device", str, "auto", "auto picks cuda, then mps, then cpu"),
-    ("arch", str, "vit_small", "vit_tiny, vit_small (the paper's main model) or vit_base"),
+    ("arch", str, "vit_small", "the paper's main model; vit_tiny, vit_base, resnet18, resnet50"),
+    ("optimizer", str, "adamw", "adamw (official for ViTs) or sgd (momentum 0.9: convnets)"),
     ("patch_size", int, 16, "8 is better (Table 2: 78.3 against 74.5 k-NN), 4x the tokens"),
     ("embed_dim", int, None, "override the width D of --arch (small CPU runs)"),
     ("depth", int, None, "override the number of blocks of --arch"),
@@ -1257,7 +1300,8 @@ FLAGS = [
     ("save_every_minutes", float, 10.0, "also save a checkpoint this often; 0: once per epoch"),
     ("pause_after_epochs", int, 0, "stop cleanly after this many epochs; the same command goes on"),
 ]
-CHOICES = {"arch": list(ARCHS), "preset": list(PRESETS), "precision": list(AMP_DTYPES) + ["auto"],
+CHOICES = {"arch": [*ARCHS, "resnet18", "resnet50"], "optimizer": ["adamw", "sgd"],
+           "preset": list(PRESETS), "precision": list(AMP_DTYPES) + ["auto"],
            "download": ["imagenette", "cifar10", "fashion_mnist"]}
 POSITIVE = ("patch_size", "out_dim", "batch_size_per_gpu", "epochs", "global_crop_size",
             "local_crop_size", "teacher_temp", "warmup_teacher_temp", "student_temp", "log_every",
@@ -1299,8 +1343,10 @@ def check_args(args):
     for name in ("global_crop_size", "local_crop_size"):
         if getattr(args, name) % args.patch_size:
             raise UsageError(f"--{name} must be a multiple of --patch_size {args.patch_size}")
-    if (args.embed_dim or ARCHS[args.arch][0]) % (args.num_heads or ARCHS[args.arch][2]):
-        raise UsageError("--embed_dim must be a multiple of --num_heads")
+    if args.arch in ARCHS:
+        dim, _, heads = ARCHS[args.arch]
+        if (args.embed_dim or dim) % (args.num_heads or heads):
+            raise UsageError("--embed_dim must be a multiple of --num_heads")
     if max(args.momentum_teacher, args.momentum_teacher_end, args.center_momentum) > 1:
         raise UsageError("--momentum_teacher(_end) and --center_momentum must lie in [0, 1]")
     if args.drop_path_rate >= 1 or args.warmup_epochs > args.epochs:

@@ -52,7 +52,7 @@ STD = torch.tensor(dm.IMAGENET_STD).view(3, 1, 1)
 # Exact checks hold in fp32: in this process --precision auto means fp32 even on a CPU with bf16
 # units; the real rule is tested on mocked hardware (section 9).
 REAL_RESOLVE_PRECISION = dm.resolve_precision
-dm.resolve_precision = lambda precision, device: "fp32" if precision == "auto" else precision
+dm.resolve_precision = lambda precision, *_: "fp32" if precision == "auto" else precision
 
 def randn(*shape, seed, scale=1.0):
     return torch.randn(*shape, generator=torch.Generator().manual_seed(seed)) * scale
@@ -805,6 +805,49 @@ def test_knn_features_are_extracted_in_fp32_from_a_bf16_run(tiny_data, tmp_path)
     assert feats.dtype == torch.float32 and labels.tolist() == [y for _, y in items]
     torch.testing.assert_close(feats, expected, rtol=1e-5, atol=1e-6)
 
+KNN_SCRIPT = """
+import json, sys, torch, torch.distributed as dist
+import dino_minimal as dm
+dist.init_process_group("gloo")
+torch.manual_seed(0)
+vit, seen = dm.VisionTransformer(32, 8, 16, 1, 2).eval(), []
+def backbone(x):
+    seen.extend(x.flatten(1)[:, 0].tolist())  # one number per image this process embedded
+    return vit(x)
+items = [(p, y) for p, y in json.loads(sys.argv[1])]
+feats, labels = dm.extract_features(backbone, items, 32, "cpu")
+torch.save({"feats": feats, "labels": labels, "seen": seen, "acc": dm.knn_classify(
+    feats, labels, feats[::3], labels[::3], k=3)}, sys.argv[2] + f"/{dist.get_rank()}.pt")
+dist.destroy_process_group()
+"""
+
+def test_the_knn_shares_the_images_between_processes_and_gives_the_one_process_result(
+        tiny_data, tmp_path):
+    """torchrun (gloo): each of 2 processes embeds only its half of the images (no process
+    idles at a barrier); gathered, both hold the one-process features in item order, labels
+    and accuracy, with an undecodable image left out wherever it falls."""
+    items = dm.list_images(Path(tiny_data) / "train")[0][:13]  # odd: the shares differ
+    (tmp_path / "bad.png").write_bytes(items[0][0].read_bytes()[:200])
+    items.insert(6, (tmp_path / "bad.png", 1))
+    (tmp_path / "script.py").write_text(KNN_SCRIPT)
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                           "--nproc_per_node=2", str(tmp_path / "script.py"),
+                           json.dumps([(str(p), y) for p, y in items]), str(tmp_path)],
+                          env={**ENV, "PYTHONPATH": str(SCRIPT.parent)}, text=True,
+                          capture_output=True, timeout=300, check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    torch.manual_seed(0)
+    vit = dm.VisionTransformer(32, 8, 16, 1, 2).eval()
+    feats, labels = dm.extract_features(vit, items, 32, CPU)
+    assert labels.tolist() == [y for p, y in items if p.name != "bad.png"]
+    ranks = [torch.load(tmp_path / f"{r}.pt", weights_only=True) for r in (0, 1)]
+    assert sorted(len(r["seen"]) for r in ranks) == [7, 7]  # 14 images, the bad one included
+    assert not set(ranks[0]["seen"]) & set(ranks[1]["seen"])
+    for r in ranks:
+        torch.testing.assert_close(r["feats"], feats, rtol=1e-5, atol=1e-6)
+        assert torch.equal(r["labels"], labels)
+        assert r["acc"] == dm.knn_classify(feats, labels, feats[::3], labels[::3], k=3)
+
 class FakeDataset:
     """torchvision's CIFAR10 / FashionMNIST without the network: `classes`, (PIL image, label)
     pairs; 1005 training and 205 test images of class 0, then 3 of class 1."""
@@ -881,6 +924,39 @@ def test_the_teacher_is_an_independent_copy_without_drop_path_but_batch_statisti
         hidden = teacher.head.mlp[1](teacher.head.mlp[0](randn(6, 64, seed=0, scale=5.0) + 3))
     torch.testing.assert_close(hidden.mean(0), torch.zeros(256), rtol=0, atol=1e-5)
 
+def test_a_resnet_backbone_trains_by_the_same_step_and_its_teacher_follows_by_ema(tiny_data,
+                                                                                tmp_path):
+    """--arch resnet18 (Sec. 3.1: "a ViT or a ResNet"): torchvision's network without its
+    classifier, under the same head, loss and step, with SGD (momentum 0.9). After a step the
+    teacher is the EMA of the student; its BatchNorms normalized with the batch's statistics,
+    as official. No attention maps; the command line trains it."""
+    args = dm.parse_args(["--preset", "smoke", "--arch", "resnet18", "--optimizer", "sgd",
+                          "--warmup_epochs", "0", "--freeze_last_layer", "0", "--lr", "0.3"])
+    torch.manual_seed(0)
+    state = dm.build(args, CPU, iters_per_epoch=4)
+    torch.manual_seed(0)
+    reference = torchvision.models.resnet18()
+    reference.fc = nn.Identity()
+    student, teacher = dm.bare(state.student), dm.bare(state.teacher)
+    x = randn(4, 3, 32, 32, seed=0)
+    with torch.no_grad():
+        torch.testing.assert_close(student.backbone.eval()(x), reference.eval()(x))
+    student.train()
+    assert student.backbone.embed_dim == 512 and student.head.mlp[0].in_features == 512
+    assert type(state.optimizer) is torch.optim.SGD
+    assert state.optimizer.defaults["momentum"] == 0.9
+    t0, bn = params(teacher), teacher.backbone.bn1
+    dm.train_step(state, [randn(4, 3, s, s, seed=v) for v, s in enumerate((32, 32, 16, 16))], 0)
+    s1, m = params(student), state.schedules.momentum[0]
+    assert any(not torch.equal(s1[k], t0[k]) for k in s1)
+    for name, t in teacher.named_parameters():
+        torch.testing.assert_close(t, m * t0[name] + (1 - m) * s1[name], rtol=1e-5, atol=1e-7)
+    assert bn.training and bn.running_mean.abs().sum() > 0  # it saw the batch's statistics
+    with pytest.raises(TypeError, match="no self-attention"):
+        teacher.backbone.get_last_selfattention(x)
+    run_main(tiny_argv(tiny_data, tmp_path / "cli", "--arch", "resnet18"))
+    assert load_ckpt(tmp_path / "cli")["it"] == 4
+
 @settings(max_examples=15)
 @given(epochs=st.integers(2, 20), iters=st.integers(2, 10), data=st.data())
 def test_built_schedules_follow_the_paper(epochs, iters, data):
@@ -917,6 +993,9 @@ def test_auto_precision_follows_the_hardware(monkeypatch, device, capability, cp
     monkeypatch.setattr(Path, "exists", lambda self, *a, **k: str(self) == cpu or exists(self))
     with contextlib.redirect_stdout(io.StringIO()):
         assert REAL_RESOLVE_PRECISION("auto", torch.device(device)) == expected
+        # a convnet on a CPU: fp32 (bf16 convolutions' backward fails on 1 x 1 inputs there)
+        convnet = expected if device == "cuda" else "fp32"
+        assert REAL_RESOLVE_PRECISION("auto", torch.device(device), convnet=True) == convnet
     for explicit in ("fp32", "bf16", "fp16"):
         assert REAL_RESOLVE_PRECISION(explicit, torch.device(device)) == explicit
 
@@ -1187,6 +1266,15 @@ def test_a_checkpoint_holds_its_data_by_absolute_path_and_refuses_another_model(
     for flags, says in ((("--embed_dim", 32), "--embed_dim 64"),
                         (("--batch_size_per_gpu", 4), "global batch of 8")):
         assert says in expect_one_error_line(tiny_argv(tiny_data, tmp_path / "out", *flags))
+
+def test_a_run_resumes_in_another_precision(tiny_data, tmp_path):
+    """bf16 -> fp16 -> fp32: a checkpoint saved without a GradScaler's state resumes with one,
+    and one saved with it resumes without; each run continues the schedule where it stopped."""
+    out = tmp_path / "out"
+    for epochs, precision in ((1, "bf16"), (2, "fp16"), (3, "fp32")):
+        run_main(tiny_argv(tiny_data, out, "--epochs", epochs, "--precision", precision))
+        assert load_ckpt(out)["it"] == 4 * epochs
+    assert [r["it"] for r in read_log(out, "step")] == list(range(1, 13))
 
 def test_bad_data_or_output_dir_is_one_error_line(tiny_data, tmp_path):
     """--data missing, a file, not given; class folders without images; images without class
