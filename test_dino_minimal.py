@@ -1020,8 +1020,9 @@ def test_a_bf16_step_follows_the_fp32_step(tiny_data):
     assert abs(loss16 - loss32) <= 2**-8 * loss32 and distance(fp32, bf16) < 0.3 * distance(
         fp32, init)
 
-def test_benchmark_prints_one_json_line(tmp_path):
-    """--benchmark: one JSON line of positive finite figures in the resolved precision."""
+def test_benchmark_prints_one_json_line(tmp_path, monkeypatch):
+    """--benchmark: one JSON line of positive finite figures in the resolved precision, the
+    utilisation against a matrix product in that precision."""
     rc, out, err = run_cli(["--smoke", "--benchmark", "--output_dir", tmp_path, "--threads", "1"],
                            timeout=300)
     assert rc == 0 and err == "", err[-2000:]
@@ -1031,6 +1032,13 @@ def test_benchmark_prints_one_json_line(tmp_path):
         assert math.isfinite(r[key]) and r[key] > 0, key
     with contextlib.redirect_stdout(io.StringIO()):
         assert r["precision"] == REAL_RESOLVE_PRECISION("auto", CPU)
+    measured = []  # the utilisation compares with a matrix product in the step's precision
+    monkeypatch.setattr(dm, "matmul_rate", lambda device, dtype: measured.append(dtype) or 1.0)
+    for precision in ("bf16", "fp32"):
+        argv = ["--smoke", "--benchmark", "--output_dir", tmp_path, "--threads", "1",
+                "--precision", precision]
+        assert main_captured(argv)[0] == 0
+    assert measured == [torch.bfloat16, torch.float32]
 
 # 10. Training runs: seeds, logs, collapse in miniature (Fig. 7), resume, stop, errors --------
 @pytest.fixture(scope="module")
@@ -1275,6 +1283,17 @@ def test_a_run_resumes_in_another_precision(tiny_data, tmp_path):
         run_main(tiny_argv(tiny_data, out, "--epochs", epochs, "--precision", precision))
         assert load_ckpt(out)["it"] == 4 * epochs
     assert [r["it"] for r in read_log(out, "step")] == list(range(1, 13))
+
+def test_a_checkpoint_of_another_number_of_processes_resumes_only_at_the_same_global_batch(
+        tiny_data, tmp_path):
+    """The schedules count iterations: a checkpoint of 2 processes x 4 images resumes in one
+    process with 8 (the same images per step), and is refused with 4, naming both batches."""
+    out = tmp_path / "out"
+    run_main(tiny_argv(tiny_data, out, "--batch_size_per_gpu", 4))
+    torch.save({**load_ckpt(out), "world_size": 2}, out / "checkpoint.pth")  # as torchrun's
+    err = expect_one_error_line(tiny_argv(tiny_data, out, "--batch_size_per_gpu", 4))
+    assert "global batch of 8 (2 processes), this run has 4" in err
+    assert "resumed from" in run_main(tiny_argv(tiny_data, out, "--epochs", 3))  # 1 x 8
 
 def test_bad_data_or_output_dir_is_one_error_line(tiny_data, tmp_path):
     """--data missing, a file, not given; class folders without images; images without class
