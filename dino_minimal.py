@@ -1054,20 +1054,23 @@ def train(args):
             return train_epochs(state, run)
         except Fault:
             raise
-        except Exception as e:  # every fault takes this path (a killed worker raises any kind):
-            # the last finished step is saved (if no step was half done), one line, status 1
-            if hasattr(signal, "SIGCHLD"):  # the loader has failed: its workers are no news
-                signal.signal(signal.SIGCHLD, signal.SIG_DFL)
-            if not run.in_step and state.it > 0:
-                run.save(state)
-            what = ": ".join([type(e).__name__, *str(e).strip().splitlines()[-1:]])
-            ckpt = out / "checkpoint.pth"
-            kept = f"{ckpt} holds iteration {run.saved_it}" if run.saved_it else "nothing saved"
-            raise Fault(f"{what} (iteration {state.it}); {kept}; the same command resumes") \
-                from None
+        except Exception as e:  # every fault takes this path (a killed worker raises any kind)
+            raise fault(e, state, run) from None
         finally:  # the workers ignore SIGTERM (ignore_signals): end them through their queues
             if getattr(loader, "_iterator", None) is not None:
                 loader._iterator._shutdown_workers()
+
+def fault(e, state, run):
+    """A fault while training: the last finished step is saved (if no step was half done), and
+    a one-line Fault says what happened and what the checkpoint holds (status 1)."""
+    if hasattr(signal, "SIGCHLD"):  # the loader has failed: its workers are no news
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    if not run.in_step and state.it > 0:
+        run.save(state)
+    what = ": ".join([type(e).__name__, *str(e).strip().splitlines()[-1:]])
+    ckpt = run.out / "checkpoint.pth"
+    kept = f"{ckpt} holds iteration {run.saved_it}" if run.saved_it else "nothing saved"
+    return Fault(f"{what} (iteration {state.it}); {kept}; the same command resumes")
 
 def train_epochs(state, run):
     """Epochs from where the checkpoint left off; returns the exit status (130: stopped)."""
