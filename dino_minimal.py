@@ -1174,14 +1174,18 @@ def benchmark(args):
               "gflop_per_img": flop / 1e9, "achieved_gflop_per_s": flop * B / step_s / 1e9,
               "matmul_gflop_per_s": matmul / 1e9, "utilisation": flop * B / step_s / matmul,
               "pipeline_img_per_s_per_worker": 1 / per_image}
-    if cuda:
-        result["peak_mem_mb"] = torch.cuda.max_memory_allocated() / 2**20
-        result["reserved_mem_mb"] = torch.cuda.max_memory_reserved() / 2**20
-    else:  # the process's peak resident memory (Unix)
-        import resource
-        result["peak_mem_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10
+    result |= peak_memory_mb(device)
     print(json.dumps(result))
     return result
+
+def peak_memory_mb(device):
+    """CUDA: the peak of the tensors and of what the allocator reserved (what nvidia-smi shows);
+    a CPU: the process's peak resident memory (Unix)."""
+    if device.type == "cuda":
+        return {"peak_mem_mb": torch.cuda.max_memory_allocated(device) / 2**20,
+                "reserved_mem_mb": torch.cuda.max_memory_reserved(device) / 2**20}
+    import resource
+    return {"peak_mem_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10}
 
 def matmul_rate(device, dtype):
     """FLOP/s of a 4096 x 4096 matrix product in dtype: the ceiling of a step in that precision."""

@@ -1039,6 +1039,11 @@ def test_benchmark_prints_one_json_line(tmp_path, monkeypatch):
                 "--precision", precision]
         assert main_captured(argv)[0] == 0
     assert measured == [torch.bfloat16, torch.float32]
+    assert r["peak_mem_mb"] > 10 and "reserved_mem_mb" not in r  # a CPU: the peak resident set
+    # CUDA: the tensors' peak and the allocator's reserved peak, what nvidia-smi shows
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device: 3 * 2**20)
+    monkeypatch.setattr(torch.cuda, "max_memory_reserved", lambda device: 5 * 2**20)
+    assert dm.peak_memory_mb(torch.device("cuda", 0)) == {"peak_mem_mb": 3, "reserved_mem_mb": 5}
 
 # 10. Training runs: seeds, logs, collapse in miniature (Fig. 7), resume, stop, errors --------
 @pytest.fixture(scope="module")
