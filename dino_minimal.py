@@ -65,8 +65,8 @@ IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 # ==============================================================================================
 
 # ----------------------------------------------------------------------------------------------
-# 1. The Vision Transformer (Sec. 3.2; Dosovitskiy et al. 2021). Module names are the official
-#    vision_transformer.py's, so the released DINO weights load (load_official_weights).
+# 1. The backbone f: a Vision Transformer (Sec. 3.2; Dosovitskiy et al. 2021), or a ResNet. The
+#    ViT's module names are the official ones, so the released DINO weights load.
 # ----------------------------------------------------------------------------------------------
 ARCHS = {"vit_tiny": (192, 12, 3), "vit_small": (384, 12, 6), "vit_base": (768, 12, 12)}
 
@@ -709,7 +709,7 @@ def extract_features(backbone, items, size, device, workers=0):
 def gather_shares(x, n):
     """Every process's share items[r::W] of n items, gathered back into item order: (n, ...)."""
     W = world_size()
-    m = -(-n // W)  # ceil(n / W): the shares padded to one length, with -1
+    m = math.ceil(n / W)  # the shares padded to one length, with -1
     x = torch.cat([x, x.new_full((m - len(x), *x.shape[1:]), -1)])  # (m, ...)
     shares = [torch.empty_like(x) for _ in range(W)]
     dist.all_gather(shares, x)  # no process waits on another's k-NN: all compute the same
