@@ -1352,7 +1352,7 @@ def check_args(args):
         if not 0 < getattr(args, name)[0] <= getattr(args, name)[1] <= 1:
             raise UsageError(f"--{name} must be two numbers with 0 < min <= max <= 1")
     for name in ("global_crop_size", "local_crop_size"):
-        if getattr(args, name) % args.patch_size:
+        if args.arch in ARCHS and getattr(args, name) % args.patch_size:  # a ViT only
             raise UsageError(f"--{name} must be a multiple of --patch_size {args.patch_size}")
     if args.arch in ARCHS:
         dim, _, heads = ARCHS[args.arch]

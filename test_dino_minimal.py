@@ -956,6 +956,7 @@ def test_a_resnet_backbone_trains_by_the_same_step_and_its_teacher_follows_by_em
         teacher.backbone.get_last_selfattention(x)
     run_main(tiny_argv(tiny_data, tmp_path / "cli", "--arch", "resnet18"))
     assert load_ckpt(tmp_path / "cli")["it"] == 4
+    assert dm.parse_args(["--smoke", "--arch", "resnet18", "--local_crop_size", "12"])  # no patches
 
 @settings(max_examples=15)
 @given(epochs=st.integers(2, 20), iters=st.integers(2, 10), data=st.data())
