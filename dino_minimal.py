@@ -182,15 +182,15 @@ class VisionTransformer(nn.Module):
             x = block(x)
         return self.blocks[-1].attn(self.blocks[-1].norm1(x), return_attention=True)
 
+RESNETS = {"resnet18": (BasicBlock, [2, 2, 2, 2]), "resnet50": (Bottleneck, [3, 4, 6, 3])}
+
 class ResNet(torchvision.models.ResNet):
     """The paper's framework takes "a ViT or a ResNet" as f (Sec. 3.1, Table 2): torchvision's
     resnet18 or resnet50, randomly initialized, without its classifier: f(x) is the globally
     average-pooled feature of the last stage, (B, 512) or (B, 2048)."""
 
     def __init__(self, arch):
-        block, depths = {"resnet18": (BasicBlock, [2, 2, 2, 2]),
-                         "resnet50": (Bottleneck, [3, 4, 6, 3])}[arch]
-        super().__init__(block, depths)
+        super().__init__(*RESNETS[arch])  # torchvision's block and blocks per stage
         self.embed_dim, self.fc = self.fc.in_features, nn.Identity()
 
     def get_last_selfattention(self, x):
@@ -828,11 +828,11 @@ class FusedAttention(Attention):
 
 def build(args, device, iters_per_epoch):
     """Student, teacher, loss, optimizer and schedules, in the precision and speed chosen."""
-    args.precision = resolve_precision(args.precision, device, args.arch not in ARCHS)
-    if args.arch in ARCHS:  # the backbone first: the seed's order
-        backbone = build_vit(args, args.drop_path_rate)
-    else:
+    args.precision = resolve_precision(args.precision, device, args.arch in RESNETS)
+    if args.arch in RESNETS:  # the backbone first: the seed's order
         backbone = ResNet(args.arch)
+    else:
+        backbone = build_vit(args, args.drop_path_rate)
     head = DINOHead(backbone.embed_dim, args.out_dim, args.head_hidden_dim, args.bottleneck_dim,
                     args.norm_last_layer, args.use_bn_in_head)
     student = MultiCropNet(backbone, head).to(device)
@@ -1311,7 +1311,7 @@ FLAGS = [
     ("save_every_minutes", float, 10.0, "also save a checkpoint this often; 0: once per epoch"),
     ("pause_after_epochs", int, 0, "stop cleanly after this many epochs; the same command goes on"),
 ]
-CHOICES = {"arch": [*ARCHS, "resnet18", "resnet50"], "optimizer": ["adamw", "sgd"],
+CHOICES = {"arch": [*ARCHS, *RESNETS], "optimizer": ["adamw", "sgd"],
            "preset": list(PRESETS), "precision": list(AMP_DTYPES) + ["auto"],
            "download": ["imagenette", "cifar10", "fashion_mnist"]}
 POSITIVE = ("patch_size", "out_dim", "batch_size_per_gpu", "epochs", "global_crop_size",
@@ -1351,10 +1351,10 @@ def check_args(args):
     for name in ("global_crops_scale", "local_crops_scale"):
         if not 0 < getattr(args, name)[0] <= getattr(args, name)[1] <= 1:
             raise UsageError(f"--{name} must be two numbers with 0 < min <= max <= 1")
-    for name in ("global_crop_size", "local_crop_size"):
-        if args.arch in ARCHS and getattr(args, name) % args.patch_size:  # a ViT only
-            raise UsageError(f"--{name} must be a multiple of --patch_size {args.patch_size}")
-    if args.arch in ARCHS:
+    if args.arch in ARCHS:  # a ViT: its patches tile the crops, its heads divide the width
+        for name in ("global_crop_size", "local_crop_size"):
+            if getattr(args, name) % args.patch_size:
+                raise UsageError(f"--{name} must be a multiple of --patch_size {args.patch_size}")
         dim, _, heads = ARCHS[args.arch]
         if (args.embed_dim or dim) % (args.num_heads or heads):
             raise UsageError("--embed_dim must be a multiple of --num_heads")

@@ -830,11 +830,8 @@ def test_the_knn_shares_the_images_between_processes_and_gives_the_one_process_r
     (tmp_path / "bad.png").write_bytes(items[0][0].read_bytes()[:200])
     items.insert(6, (tmp_path / "bad.png", 1))
     (tmp_path / "script.py").write_text(KNN_SCRIPT)
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                           "--nproc_per_node=2", str(tmp_path / "script.py"),
-                           json.dumps([(str(p), y) for p, y in items]), str(tmp_path)],
-                          env={**ENV, "PYTHONPATH": str(SCRIPT.parent)}, text=True,
-                          capture_output=True, timeout=300, check=False)
+    proc = torchrun([json.dumps([(str(p), y) for p, y in items]), tmp_path],
+                    script=tmp_path / "script.py")
     assert proc.returncode == 0, proc.stderr[-3000:]
     torch.manual_seed(0)
     vit = dm.VisionTransformer(32, 8, 16, 1, 2).eval()
@@ -1397,10 +1394,12 @@ def test_command_line_smoke_run_end_to_end(tmp_path):
     assert_bitwise_equal(vit.state_dict(), {k.removeprefix("backbone."): v for k, v in
                                             ckpt["teacher"].items() if k.startswith("backbone.")})
 
-def torchrun(argv):
-    """The command line as 2 processes of torchrun (gloo on the CPU)."""
+def torchrun(argv, script=SCRIPT):
+    """The command line (or another script that imports dino_minimal) as 2 processes of
+    torchrun (gloo on the CPU)."""
     return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                           "--nproc_per_node=2", str(SCRIPT), *argv], env=ENV, text=True,
+                           "--nproc_per_node=2", str(script), *map(str, argv)],
+                          env={**ENV, "PYTHONPATH": str(SCRIPT.parent)}, text=True,
                           capture_output=True, timeout=300, check=False)
 
 def test_torchrun_two_cpu_processes_match_one_process_with_twice_the_batch(tmp_path):
