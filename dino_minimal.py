@@ -563,7 +563,6 @@ def knn_classify(train_f, train_y, test_f, test_y, k=20, T=0.07, chunk=256):
         correct += (votes.argmax(1) == test_y[i:i + chunk]).sum().item()
     return 100.0 * correct / len(test_f)
 
-
 # ==============================================================================================
 #                          PART II: RUNNING IT (all of DINO is above)
 # ==============================================================================================
@@ -573,6 +572,21 @@ def knn_classify(train_f, train_y, test_f, test_y, k=20, T=0.07, chunk=256):
 # ----------------------------------------------------------------------------------------------
 class UsageError(Exception):
     """Bad input from the user: main() prints it as one line and exits with status 2."""
+
+class Fault(Exception):
+    """A fault met while training (a data-loader worker killed, a failed write, a NaN loss):
+    main() prints it as one line and exits with status 1; the same command resumes."""
+
+def rank():
+    return dist.get_rank() if dist.is_initialized() else 0
+
+def world_size():
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+def say(*lines):
+    """Print on rank 0 only: W processes under torchrun print each line once."""
+    if rank() == 0:
+        print(*lines, sep="\n", flush=True)
 
 def seed_for(*keys):
     """A 63-bit seed that is a pure function of its integer keys (int hashing is not salted)."""
@@ -604,10 +618,11 @@ def list_images(folder, min_size=0):
                 items.append((path, label))
             except (OSError, ValueError, SyntaxError):
                 skipped += path.is_file()
-    print(f"skipped {skipped} files that are not images") if skipped and is_main() else None
     if small:
         raise UsageError(f"{len(small)} images (e.g. {small[0]}) are smaller than the {min_size}"
                          "-px local crops: lower --global_crop_size and --local_crop_size")
+    if skipped:
+        say(f"skipped {skipped} files that are not images")
     return items, classes
 
 def load_splits(args):
@@ -628,9 +643,10 @@ def load_splits(args):
                 (val if k % 5 == 0 else train).append(item)
     if not train:
         raise UsageError(f"no images found under {root}: expected {root}/<class>/<images>")
-    if len(train) < args.batch_size_per_gpu * world_size():
-        raise UsageError(f"{len(train)} training images under {root} but a batch of "
-                         f"{args.batch_size_per_gpu * world_size()}: lower --batch_size_per_gpu")
+    batch = args.batch_size_per_gpu * world_size()
+    if len(train) < batch:
+        raise UsageError(f"{len(train)} training images under {root} but a batch of {batch}: "
+                         "lower --batch_size_per_gpu")
     return train, val, classes
 
 class MultiCropDataset(torch.utils.data.Dataset):
@@ -684,10 +700,10 @@ def eval_batch(batch):
     for path, label, size in batch:
         try:
             views.append(eval_view(load_rgb(path), size))
-            labels.append(label)
         except UsageError:
             views.append(torch.zeros(3, size, size))
-            labels.append(-1)
+            label = -1
+        labels.append(label)
     return torch.stack(views), torch.tensor(labels)
 
 @torch.no_grad()
@@ -775,15 +791,6 @@ def download(name, root):
 # 9. Precision and speed: every choice made only for speed, each with the figure behind it
 #    (notebooks/RESULTS.md, Performance). None changes the algorithm of Part I.
 # ----------------------------------------------------------------------------------------------
-def rank():
-    return dist.get_rank() if dist.is_initialized() else 0
-
-def is_main():
-    return rank() == 0
-
-def world_size():
-    return dist.get_world_size() if dist.is_initialized() else 1
-
 def setup_device(name):
     """One process, or one per GPU under torchrun (env RANK, WORLD_SIZE); gloo on the CPU."""
     cuda = torch.cuda.is_available() and name in ("auto", "cuda")
@@ -814,7 +821,7 @@ def resolve_precision(precision, device, convnet=False):
         flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
         native = device.type == "cpu" and (" avx512_bf16" in flags or " amx_bf16" in flags)
         precision, why = ("bf16", "bf16 units") if native else ("fp32", "no bf16 units")
-    print(f"--precision auto: {precision} ({why})") if is_main() else None
+    say(f"--precision auto: {precision} ({why})")
     return precision
 
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
@@ -829,10 +836,8 @@ class FusedAttention(Attention):
 def build(args, device, iters_per_epoch):
     """Student, teacher, loss, optimizer and schedules, in the precision and speed chosen."""
     args.precision = resolve_precision(args.precision, device, args.arch in RESNETS)
-    if args.arch in RESNETS:  # the backbone first: the seed's order
-        backbone = ResNet(args.arch)
-    else:
-        backbone = build_vit(args, args.drop_path_rate)
+    # the backbone first: the seed's order
+    backbone = ResNet(args.arch) if args.arch in RESNETS else build_vit(args, args.drop_path_rate)
     head = DINOHead(backbone.embed_dim, args.out_dim, args.head_hidden_dim, args.bottleneck_dim,
                     args.norm_last_layer, args.use_bn_in_head)
     student = MultiCropNet(backbone, head).to(device)
@@ -877,7 +882,8 @@ def build_vit(args, drop_path_rate=0.0):
 
 def bare(model):
     """The module inside the DistributedDataParallel and torch.compile wrappers, if any."""
-    return getattr(getattr(model, "_orig_mod", model), "module", getattr(model, "_orig_mod", model))
+    model = getattr(model, "_orig_mod", model)
+    return getattr(model, "module", model)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -902,7 +908,7 @@ def save_checkpoint(state, args, path):
                     "resumes") from None
 
 def resume(state, args, path):
-    """Continue from path if it exists; refuse a checkpoint of another model."""
+    """Continue from path if it exists; refuse a checkpoint of another model or global batch."""
     if not path.exists():
         return
     ckpt = torch.load(path, map_location="cpu", weights_only=True)
@@ -913,28 +919,28 @@ def resume(state, args, path):
                          "--output_dir")
     # the schedules are indexed by iteration: another global batch would change their meaning
     processes = ckpt.get("world_size", 1)  # absent from checkpoints of one process before it
-    saved = ckpt["args"]["batch_size_per_gpu"] * processes
-    if saved != args.batch_size_per_gpu * world_size():
+    saved, batch = ckpt["args"]["batch_size_per_gpu"] * processes, args.batch_size_per_gpu
+    if saved != batch * world_size():
         raise UsageError(f"{path} was trained with a global batch of {saved} ({processes} "
-                         f"processes), this run has {args.batch_size_per_gpu * world_size()}: "
-                         "match them, or pass another --output_dir")
-    bare(state.student).load_state_dict(ckpt["student"])
-    bare(state.teacher).load_state_dict(ckpt["teacher"])
+                         f"processes), this run has {batch * world_size()}: match them, or "
+                         "pass another --output_dir")
+    for name in ("student", "teacher"):
+        bare(getattr(state, name)).load_state_dict(ckpt[name])
     state.optimizer.load_state_dict(ckpt["optimizer"])
     state.dino_loss.load_state_dict(ckpt["dino_loss"])
     if ckpt["scaler"]:  # empty when saved without fp16; another --precision is fine
         state.scaler.load_state_dict(ckpt["scaler"])
     state.it = ckpt["it"]
-    print(f"resumed from {path} at iteration {state.it}") if is_main() else None
+    say(f"resumed from {path} at iteration {state.it}")
 
 def log(out, record, shown=None):
     """Append record as a JSON line to out/log.jsonl with its Unix time (rank 0), and print it
     (or `shown` in its place)."""
-    if is_main():
+    if rank() == 0:
         with open(out / "log.jsonl", "a") as f:
             f.write(json.dumps({**record, "time": round(time.time(), 2)}) + "\n")
-        shown = {k: f"{v:.4g}" if isinstance(v, float) else v for k, v in (shown or record).items()}
-        print("  ".join(f"{k} {v}" for k, v in shown.items() if k != "type"), flush=True)
+    shown = {k: f"{v:.4g}" if isinstance(v, float) else v for k, v in (shown or record).items()}
+    say("  ".join(f"{k} {v}" for k, v in shown.items() if k != "type"))
 
 class StopRequest:
     """Ctrl-C or SIGTERM: finish the step, save, exit. A second Ctrl-C interrupts at once."""
@@ -990,10 +996,6 @@ def to_device(views, args, device, it):
     rng = torch.Generator().manual_seed(seed_for(args.seed, it, rank()))
     return augment(views, args.blur_sigma, rng)
 
-class Fault(Exception):
-    """A fault met while training (a data-loader worker killed, a failed write, a NaN loss):
-    main() prints it as one line and exits with status 1; the same command resumes."""
-
 @dataclass
 class Run:
     """What the loop needs besides the TrainState: the data, where to write, when to stop."""
@@ -1003,7 +1005,7 @@ class Run:
     data: tuple  # training items, k-NN query items, class names
     loader: torch.utils.data.DataLoader
     sampler: EpochSampler
-    stop: StopRequest
+    stop: StopRequest = None
     saved_it: int = None  # the iteration in checkpoint.pth, if any
     saved_at: float = field(default_factory=time.time)  # for --save_every_minutes
     in_step: bool = False  # a fault inside train_step leaves the state half-updated
@@ -1011,19 +1013,9 @@ class Run:
 
     def save(self, state):
         with children_wait():  # a worker's death is not a failed write
-            save_checkpoint(state, self.args, self.out / "checkpoint.pth") if is_main() else None
+            if rank() == 0:
+                save_checkpoint(state, self.args, self.out / "checkpoint.pth")
         self.saved_it, self.saved_at = state.it, time.time()
-
-def evaluate(state, run, epoch):
-    """Weighted k-NN of the teacher's CLS features, and of the student's beside it (Fig. 6:
-    the teacher leads throughout): two passes over the images without gradients, shared by
-    all processes, which then all compute the same k-NN."""
-    if run.data[1]:
-        record = {"type": "knn", "epoch": epoch, "it": state.it}
-        for net, key in ((state.teacher, "knn_top1"), (state.student, "knn_top1_student")):
-            backbone = copy.deepcopy(bare(net).backbone).eval()  # eval(): no drop-path
-            record[key] = knn_accuracy(backbone, *run.data[:2], run.args, run.device)
-        log(run.out, record)
 
 def train(args):
     device, out = setup_device(args.device), Path(args.output_dir)
@@ -1037,19 +1029,17 @@ def train(args):
     torch.manual_seed(args.seed)  # the initial weights
     state = build(args, device, sampler.steps)
     resume(state, args, out / "checkpoint.pth")
-    if is_main():
-        print(f"{len(data[0])} training / {len(data[1])} k-NN query images, {len(data[2])} "
-              f"classes; views 2 x {args.global_crop_size} px + {args.local_crops_number} x "
-              f"{args.local_crop_size} px; {sampler.steps} iterations per epoch on "
-              f"{world_size()} x {device} in {args.precision}")
+    say(f"{len(data[0])} training / {len(data[1])} k-NN query images, {len(data[2])} classes; "
+        f"views 2 x {args.global_crop_size} px + {args.local_crops_number} x "
+        f"{args.local_crop_size} px; {sampler.steps} iterations per epoch on {world_size()} x "
+        f"{device} in {args.precision}")
     # a CPU run with the paper's defaults: say what it costs (in one process only: the timed
     # step's collectives would wait for the other processes)
     paper_defaults = not (args.preset or args.smoke or dist.is_initialized())
     if device.type == "cpu" and paper_defaults and state.it == 0:
         estimate_cpu_time(state, dataset, args, device, sampler.steps * args.epochs)
-    with StopRequest() as stop:
-        run = Run(args, device, out, data, loader, sampler, stop)
-        run.saved_it = state.it if (out / "checkpoint.pth").exists() else None
+    run = Run(args, device, out, data, loader, sampler, saved_it=state.it or None)
+    with StopRequest() as run.stop:
         try:
             return train_epochs(state, run)
         except Fault:
@@ -1088,11 +1078,12 @@ def train_epochs(state, run):
             evaluate(state, run, epoch + 1)
         if 0 < args.pause_after_epochs <= epoch + 1 - first_epoch and epoch + 1 < args.epochs:
             return 0
-    if is_main():
+    if rank() == 0:
         torch.save(bare(state.teacher).backbone.state_dict(), run.out / "teacher_backbone.pth")
-        print(f"done: teacher backbone in {run.out / 'teacher_backbone.pth'}")
-        print(f"skipped {len(run.skipped)} files that could not be decoded: "
-              + ", ".join(sorted(run.skipped))) if run.skipped else None
+    say(f"done: teacher backbone in {run.out / 'teacher_backbone.pth'}")
+    if run.skipped:
+        say(f"skipped {len(run.skipped)} files that could not be decoded: "
+            + ", ".join(sorted(run.skipped)))
     return 0
 
 def train_one_epoch(state, run, epoch):
@@ -1104,7 +1095,7 @@ def train_one_epoch(state, run, epoch):
         for path in set(bad) - run.skipped - {""}:  # named once, replaced by another image
             log(run.out, {"type": "skipped", "it": state.it, "file": path},
                 {"skipped": f"{path}: cannot decode it, replaced by another image"})
-        run.skipped |= set(bad) - {""}
+            run.skipped.add(path)
         views = to_device(views, args, run.device, state.it)
         torch.manual_seed(seed_for(args.seed, state.it))  # drop-path: a function of the step
         with children_wait():
@@ -1132,11 +1123,26 @@ def log_step(state, run, epoch, loss, teacher_probs, teacher_feats, seconds_per_
     log(run.out, record, {**record, "epoch": f"{epoch + 1}/{run.args.epochs}",
                           "left": f"{steps_left * seconds_per_step / 60:.1f} min"})
 
+def evaluate(state, run, epoch):
+    """Weighted k-NN of the teacher's CLS features, and of the student's beside it (Fig. 6:
+    the teacher leads throughout): two passes over the images without gradients, shared by
+    all processes, which then all compute the same k-NN."""
+    if run.data[1]:
+        record = {"type": "knn", "epoch": epoch, "it": state.it}
+        for net, key in ((state.teacher, "knn_top1"), (state.student, "knn_top1_student")):
+            backbone = copy.deepcopy(bare(net).backbone).eval()  # eval(): no drop-path
+            record[key] = knn_accuracy(backbone, *run.data[:2], run.args, run.device)
+        log(run.out, record)
+
+def one_batch(dataset, args):
+    """The first batch of epoch 0, as the loader gives it: V tensors (B, 3, h, w)."""
+    items = [dataset[(0, i % len(dataset))] for i in range(args.batch_size_per_gpu)]
+    return default_collate(items)[0]
+
 def estimate_cpu_time(state, dataset, args, device, total_steps):
     """Time one step on a copy of the state (the run is untouched) and say what the run costs:
     without a preset the defaults are the paper's, made for 16 GPUs."""
-    views = default_collate([dataset[(0, i)] for i in range(args.batch_size_per_gpu)])[0]
-    t0 = time.perf_counter()
+    views, t0 = one_batch(dataset, args), time.perf_counter()
     train_step(copy.deepcopy(state), to_device(views, args, device, 0), 0)
     hours = (time.perf_counter() - t0) * total_steps / 3600
     print(f"note: at this CPU's rate the run takes about {hours:.1f} h ({total_steps} steps); "
@@ -1150,15 +1156,14 @@ def benchmark(args):
     """Training images/s after warm-up, FLOP per image, achieved FLOP/s against a matrix
     product in the step's precision timed in the same run, memory, and the data pipeline's
     images/s per worker (426 x 320 JPEGs, all crops)."""
-    device = setup_device(args.device)
-    cuda, B = device.type == "cuda", args.batch_size_per_gpu
+    device, B = setup_device(args.device), args.batch_size_per_gpu
     root = make_synthetic_images(Path(args.output_dir) / "bench_data", 2, 8, (320, 426), ext=".jpg")
     items = list_images(Path(root) / "train")[0]
     dataset = MultiCropDataset(items, multicrop_of(args), 0, not args.augment_on_device)
     torch.set_num_threads(1)  # as in a loader worker
     per_image = seconds(lambda: [dataset[(1, i)] for i in range(len(items))], 2) / len(items)
     torch.set_num_threads(args.threads or os.cpu_count())
-    views = default_collate([dataset[(0, i % len(items))] for i in range(B)])[0]
+    views = one_batch(dataset, args)
     state = build(args, device, iters_per_epoch=100)  # schedules long enough for the timed steps
 
     def step():
@@ -1166,6 +1171,7 @@ def benchmark(args):
 
     with FlopCounterMode(display=False) as counter:
         step()
+    cuda = device.type == "cuda"
     step_s, flop = seconds(step, 5, cuda), counter.get_total_flops() / B
     matmul = matmul_rate(device, AMP_DTYPES[args.precision] or torch.float32)
     name = torch.cuda.get_device_name() if cuda else f"cpu x {torch.get_num_threads()}"
@@ -1173,8 +1179,7 @@ def benchmark(args):
               "precision": args.precision, "train_img_per_s": B / step_s, "step_s": step_s,
               "gflop_per_img": flop / 1e9, "achieved_gflop_per_s": flop * B / step_s / 1e9,
               "matmul_gflop_per_s": matmul / 1e9, "utilisation": flop * B / step_s / matmul,
-              "pipeline_img_per_s_per_worker": 1 / per_image}
-    result |= peak_memory_mb(device)
+              "pipeline_img_per_s_per_worker": 1 / per_image, **peak_memory_mb(device)}
     print(json.dumps(result))
     return result
 
@@ -1194,13 +1199,16 @@ def matmul_rate(device, dtype):
 
 def seconds(fn, n, cuda=False):
     """Mean wall time of n calls of fn, after one warm-up call."""
-    starts = []
-    for _ in range(n + 1):
-        torch.cuda.synchronize() if cuda else None
-        starts.append(time.perf_counter())
+    def now():
+        if cuda:  # CUDA kernels run asynchronously: wait until they are done
+            torch.cuda.synchronize()
+        return time.perf_counter()
+
+    fn()
+    start = now()
+    for _ in range(n):
         fn()
-    torch.cuda.synchronize() if cuda else None
-    return (time.perf_counter() - starts[1]) / n
+    return (now() - start) / n
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1370,7 +1378,8 @@ def multicrop_of(args):
 def main(argv=None):
     try:
         args = parse_args(argv)
-        torch.set_num_threads(args.threads) if args.threads else None
+        if args.threads:
+            torch.set_num_threads(args.threads)
         try:
             Path(args.output_dir).mkdir(parents=True, exist_ok=True)
             tempfile.TemporaryFile(dir=args.output_dir).close()  # a probe with its own name
@@ -1395,7 +1404,8 @@ def main(argv=None):
         print(f"error: {e}", file=sys.stderr)
         return 1
     finally:
-        dist.destroy_process_group() if dist.is_initialized() else None
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
 if __name__ == "__main__":
     code = main()
