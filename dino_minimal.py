@@ -583,10 +583,10 @@ def rank():
 def world_size():
     return dist.get_world_size() if dist.is_initialized() else 1
 
-def say(*lines):
+def say(text):
     """Print on rank 0 only: W processes under torchrun print each line once."""
     if rank() == 0:
-        print(*lines, sep="\n", flush=True)
+        print(text, flush=True)
 
 def seed_for(*keys):
     """A 63-bit seed that is a pure function of its integer keys (int hashing is not salted)."""
@@ -936,11 +936,12 @@ def resume(state, args, path):
 def log(out, record, shown=None):
     """Append record as a JSON line to out/log.jsonl with its Unix time (rank 0), and print it
     (or `shown` in its place)."""
-    if rank() == 0:
-        with open(out / "log.jsonl", "a") as f:
-            f.write(json.dumps({**record, "time": round(time.time(), 2)}) + "\n")
+    if rank() != 0:
+        return
+    with open(out / "log.jsonl", "a") as f:
+        f.write(json.dumps({**record, "time": round(time.time(), 2)}) + "\n")
     shown = {k: f"{v:.4g}" if isinstance(v, float) else v for k, v in (shown or record).items()}
-    say("  ".join(f"{k} {v}" for k, v in shown.items() if k != "type"))
+    print("  ".join(f"{k} {v}" for k, v in shown.items() if k != "type"), flush=True)
 
 class StopRequest:
     """Ctrl-C or SIGTERM: finish the step, save, exit. A second Ctrl-C interrupts at once."""
@@ -1005,7 +1006,7 @@ class Run:
     data: tuple  # training items, k-NN query items, class names
     loader: torch.utils.data.DataLoader
     sampler: EpochSampler
-    stop: StopRequest = None
+    stop: StopRequest
     saved_it: int = None  # the iteration in checkpoint.pth, if any
     saved_at: float = field(default_factory=time.time)  # for --save_every_minutes
     in_step: bool = False  # a fault inside train_step leaves the state half-updated
@@ -1038,8 +1039,8 @@ def train(args):
     paper_defaults = not (args.preset or args.smoke or dist.is_initialized())
     if device.type == "cpu" and paper_defaults and state.it == 0:
         estimate_cpu_time(state, dataset, args, device, sampler.steps * args.epochs)
-    run = Run(args, device, out, data, loader, sampler, saved_it=state.it or None)
-    with StopRequest() as run.stop:
+    with StopRequest() as stop:
+        run = Run(args, device, out, data, loader, sampler, stop, saved_it=state.it or None)
         try:
             return train_epochs(state, run)
         except Fault:
