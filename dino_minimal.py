@@ -35,10 +35,8 @@ import math
 import os
 import signal
 import sys
-import tempfile
 import time
 from collections import Counter
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import partial
 from itertools import groupby
@@ -54,7 +52,6 @@ from torch import nn
 from torch.amp import GradScaler
 from torch.nn.utils.parametrizations import weight_norm
 from torch.utils.data import default_collate
-from torch.utils.flop_counter import FlopCounterMode
 from torchvision.models.resnet import BasicBlock, Bottleneck
 from torchvision.transforms.functional import pil_to_tensor
 
@@ -572,10 +569,11 @@ def knn_classify(train_f, train_y, test_f, test_y, k=20, T=0.07, chunk=256):
 # ----------------------------------------------------------------------------------------------
 class UsageError(Exception):
     """Bad input from the user: main() prints it as one line and exits with status 2."""
+    status = 2
 
-class Fault(Exception):
-    """A fault met while training (a data-loader worker killed, a failed write, a NaN loss):
-    main() prints it as one line and exits with status 1; the same command resumes."""
+class Fault(UsageError):
+    """A fault while training (a loader worker killed, a NaN loss, a failed write): status 1."""
+    status = 1
 
 def rank():
     return dist.get_rank() if dist.is_initialized() else 0
@@ -588,6 +586,15 @@ def say(text):
     if rank() == 0:
         print(text, flush=True)
 
+def agree(*values):
+    """Each value's maximum over the processes: they all take the same decision (to stop, to
+    save) and see the same checkpoint. One process: the values themselves."""
+    x = torch.tensor(values, dtype=torch.float64)
+    if dist.is_initialized():
+        x = x.cuda() if dist.get_backend() == "nccl" else x
+        dist.all_reduce(x, op=dist.ReduceOp.MAX)
+    return x.tolist()
+
 def seed_for(*keys):
     """A 63-bit seed that is a pure function of its integer keys (int hashing is not salted)."""
     return hash(tuple(keys)) & 0x7FFF_FFFF_FFFF_FFFF
@@ -596,28 +603,40 @@ def load_rgb(path):
     """Decode an image file with PIL to a (3, H, W) uint8 tensor; any mode becomes RGB."""
     try:
         with Image.open(path) as im:
-            if im.mode.startswith("I"):  # 16-bit (or 32-bit) gray: scaled to 8 bits, not clipped
-                im = Image.fromarray((np.asarray(im) // 256).clip(0, 255).astype(np.uint8))
+            if im.mode[0] in "IF":  # 16- or 32-bit integers, floats: their own range -> 0-255
+                a = np.asarray(im, dtype=np.float64)
+                a = 255 * (a - a.min()) / max(a.max() - a.min(), 1e-12)
+                im = Image.fromarray(a.round().astype(np.uint8))
             return pil_to_tensor(im.convert("RGB"))
     except (OSError, ValueError, SyntaxError) as e:
-        raise UsageError(f"cannot decode {path} ({e}): delete or replace it, then rerun the "
-                         "same command to resume") from None
+        raise UsageError(f"cannot read {path} ({e}): delete or replace it, then rerun") from None
 
-def list_images(folder, min_size=0):
-    """(path, class index) for every image of folder/<class>/..., and the class names. Files
-    that are not images are skipped and counted; images under min_size px are refused."""
-    classes = sorted(d.name for d in folder.iterdir() if d.is_dir())
-    if not classes:
-        raise UsageError(f"{folder} has no class folders: expected {folder}/<class>/<images>")
-    items, skipped, small = [], 0, []
-    for label, name in enumerate(classes):
+def list_images(folder, min_size=0, classes=None):
+    """(path, label) for every image of folder/<class>/..., and the class names; a label is the
+    index of its class's name in `classes` (the training set's, for k-NN queries). Files that
+    are not images are skipped and counted; any other surprise is refused in one line."""
+    names = sorted(d.name for d in folder.iterdir() if d.is_dir())
+    for name in names:
+        if (folder / name / "train").is_dir():  # a dataset's own folder inside --data
+            raise UsageError(f"{folder / name} holds train/: pass --data {folder / name}")
+    if classes is None and len(names) < 2:
+        raise UsageError(f"{folder} holds {len(names)} class folders, not {folder}/<class>/...")
+    classes, items, skipped, small = classes or names, [], 0, []
+    for name in names:
+        if name not in classes:
+            raise UsageError(f"{folder / name}: a k-NN query class that train/ does not have")
+        found = len(items)
         for path in sorted((folder / name).rglob("*")):
             try:
                 with Image.open(path) as im:  # reads the header only
                     small += [path] if min(im.size) < min_size else []
-                items.append((path, label))
+                items.append((path, classes.index(name)))
+            except Image.DecompressionBombError:  # refused here, not mid-run on every rerun
+                raise UsageError(f"{path} is over PIL's pixel limit: shrink it") from None
             except (OSError, ValueError, SyntaxError):
                 skipped += path.is_file()
+        if len(items) == found:
+            raise UsageError(f"{folder / name} holds no images: remove it or fill it")
     if small:
         raise UsageError(f"{len(small)} images (e.g. {small[0]}) are smaller than the {min_size}"
                          "-px local crops: lower --global_crop_size and --local_crop_size")
@@ -633,21 +652,20 @@ def load_splits(args):
         raise UsageError(f"--data {root} is not a folder: pass a folder of class folders, or "
                          "add --download")
     if (root / "train").is_dir():
-        train, classes = list_images(root / "train", args.local_crop_size)
-        val = list_images(root / "val")[0] if (root / "val").is_dir() else []
+        train_items, classes = list_images(root / "train", args.local_crop_size)
+        val = root / "val"
+        val_items = list_images(val, classes=classes)[0] if val.is_dir() else []
     else:
         items, classes = list_images(root, args.local_crop_size)
-        train, val = [], []
+        train_items, val_items = [], []
         for _, same_class in groupby(items, key=lambda item: item[1]):
             for k, item in enumerate(same_class):
-                (val if k % 5 == 0 else train).append(item)
-    if not train:
-        raise UsageError(f"no images found under {root}: expected {root}/<class>/<images>")
+                (val_items if k % 5 == 0 else train_items).append(item)
     batch = args.batch_size_per_gpu * world_size()
-    if len(train) < batch:
-        raise UsageError(f"{len(train)} training images under {root} but a batch of {batch}: "
-                         "lower --batch_size_per_gpu")
-    return train, val, classes
+    if len(train_items) < batch:
+        raise UsageError(f"{len(train_items)} training images under {root} but a batch of "
+                         f"{batch}: lower --batch_size_per_gpu")
+    return train_items, val_items, classes
 
 class MultiCropDataset(torch.utils.data.Dataset):
     """Items keyed (epoch, index): an image's crops are drawn from seed_for(seed, epoch, index),
@@ -662,7 +680,7 @@ class MultiCropDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, key):
         """The crops of image key[1], its label, and "" or the file it replaces: a file that
-        cannot be decoded is replaced by the next image (a deterministic choice: exact resume)."""
+        cannot be read is replaced by the next image (a deterministic choice: exact resume)."""
         epoch, index, bad = *key, ""
         while True:
             path, label = self.items[index]
@@ -695,7 +713,7 @@ class EpochSampler(torch.utils.data.Sampler):
 
 def eval_batch(batch):
     """Loader workers decode the k-NN's images: [(path, label, size)] -> (n, 3, size, size) and
-    the labels, -1 for an image that cannot be decoded (it is left out of the k-NN)."""
+    the labels, -1 for an image that cannot be read (it is left out of the k-NN)."""
     views, labels = [], []
     for path, label, size in batch:
         try:
@@ -707,19 +725,25 @@ def eval_batch(batch):
     return torch.stack(views), torch.tensor(labels)
 
 @torch.no_grad()
-def extract_features(backbone, items, size, device, workers=0):
+def extract_features(backbone, items, size, device, workers=0, stop=None):
     """backbone(eval_view(image)) in fp32 for every (path, label) item: (n, D), (n,) on the
-    device. Each of W processes takes every W-th item; the shares are then gathered."""
+    device. Each of W processes takes every W-th item, then the shares are gathered; a stop
+    request cuts the pass short."""
     share = [(path, label, size) for path, label in items[rank()::world_size()]]
     loader = torch.utils.data.DataLoader(share, batch_size=256, num_workers=workers,
-                                         collate_fn=eval_batch)
-    feats, labels = [], []
+                                         collate_fn=eval_batch, worker_init_fn=ignore_signals)
+    feats = [torch.empty(0, backbone.embed_dim, device=device)]  # a process's share may be empty
+    labels = [torch.empty(0, dtype=torch.long, device=device)]
     for x, y in loader:
+        if stop and stop.requested:  # the caller drops this pass
+            break
         feats.append(backbone(x.to(device)).float())
         labels.append(y.to(device))
     feats, labels = torch.cat(feats), torch.cat(labels)
     if dist.is_initialized():
         feats, labels = gather_shares(feats, len(items)), gather_shares(labels, len(items))
+    if (labels < 0).any() and not (stop and stop.requested):
+        say(f"left {int((labels < 0).sum())} images that cannot be read out of the k-NN")
     return feats[labels >= 0], labels[labels >= 0]
 
 def gather_shares(x, n):
@@ -731,11 +755,13 @@ def gather_shares(x, n):
     dist.all_gather(shares, x)  # no process waits on another's k-NN: all compute the same
     return torch.stack(shares, 1).flatten(0, 1)[:n]  # row j*W + r is item j*W + r
 
-def knn_accuracy(backbone, train_items, val_items, args, device):
-    """Weighted k-NN top-1 (App. F.1): the training set is the memory, val the queries."""
-    train = extract_features(backbone, train_items, args.global_crop_size, device, args.num_workers)
-    val = extract_features(backbone, val_items, args.global_crop_size, device, args.num_workers)
-    return knn_classify(*train, *val)
+def knn_accuracy(backbone, train_items, val_items, args, device, stop=None):
+    """Weighted k-NN top-1 (App. F.1): the training set is the memory, val the queries. None
+    if a stop was requested meanwhile, in any process."""
+    size, workers = args.global_crop_size, args.num_workers
+    memory = extract_features(backbone, train_items, size, device, workers, stop)
+    queries = extract_features(backbone, val_items, size, device, workers, stop)
+    return None if stop and agree(stop.requested)[0] else knn_classify(*memory, *queries)
 
 def make_synthetic_images(root, classes=10, per_class=24, size=48, seed=0, ext=".png"):
     """A toy image set: each class a coloured grating of its own orientation and frequency
@@ -759,18 +785,19 @@ def make_synthetic_images(root, classes=10, per_class=24, size=48, seed=0, ext="
     return str(root)
 
 def download(name, root):
-    """Fetch a dataset with torchvision into root (one line if it cannot): Imagenette's 320-px
-    release, or the laptop sets cifar10 and fashion_mnist written as root/{train,val}/<class>/
-    with the first 1,000 images of each class of the training set and 200 of the test set."""
+    """Fetch a dataset with torchvision as root/{train,val}/<class>/ (one line if it cannot):
+    Imagenette's 320-px release, or the laptop sets cifar10 and fashion_mnist with the first
+    1,000 images of each class of the training set and 200 of the test set."""
     tvd, root = torchvision.datasets, Path(root)
     try:
-        if name == "imagenette":
-            for split in ("train", "val"):
-                fetch = not (root / "imagenette2-320").is_dir()
-                tvd.Imagenette(root, split=split, size="320px", download=fetch)
-            return str(root / "imagenette2-320")
-        for split, per_class in (("train", 1000), ("val", 200)):
+        release = root / "imagenette2-320"  # where the archive unpacks: moved up into root
+        if name == "imagenette" and not (root / "train").is_dir() and not release.is_dir():
+            tvd.Imagenette(root, size="320px", download=True)
+        for split, per_class in (("val", 200), ("train", 1000)):  # train last: done
             if (root / split).is_dir():
+                continue
+            if name == "imagenette":
+                os.replace(release / split, root / split)
                 continue
             dataset = {"cifar10": tvd.CIFAR10, "fashion_mnist": tvd.FashionMNIST}[name]
             images, count = dataset(root / "raw", train=split == "train", download=True), Counter()
@@ -786,40 +813,47 @@ def download(name, root):
                          "you online?") from None
     return str(root)
 
-
 # ----------------------------------------------------------------------------------------------
-# 9. Precision and speed: every choice made only for speed, each with the figure behind it
-#    (notebooks/RESULTS.md, Performance). None changes the algorithm of Part I.
+# 9. Device, precision and speed: each choice made only for speed has its figure in
+#    notebooks/RESULTS.md (Performance). None changes the algorithm of Part I.
 # ----------------------------------------------------------------------------------------------
 def setup_device(name):
-    """One process, or one per GPU under torchrun (env RANK, WORLD_SIZE); gloo on the CPU."""
-    cuda = torch.cuda.is_available() and name in ("auto", "cuda")
+    """One process, or one per GPU under torchrun (env RANK, WORLD_SIZE); gloo on the CPU.
+    auto takes cuda, then mps, then the CPU, and says why when a CUDA build finds no GPU."""
+    found = {"cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}
+    if not found.get(name, True):
+        raise UsageError(f"--device {name}, but torch finds no such device: pass auto or cpu")
+    auto = name == "auto"
+    if auto:
+        name = "cuda" if found["cuda"] else "mps" if found["mps"] else "cpu"
     if "RANK" in os.environ and not dist.is_initialized():
-        dist.init_process_group("nccl" if cuda else "gloo")
-    if cuda:
+        dist.init_process_group("nccl" if name == "cuda" else "gloo")
+    if auto and name == "cpu" and torch.version.cuda:
+        say(f"note: no usable GPU, so the CPU (this torch is a CUDA {torch.version.cuda} build: "
+            "it needs an NVIDIA driver >= 580 and a GPU of compute capability >= 7.5)")
+    if name == "cuda":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         return torch.device("cuda", torch.cuda.current_device())
-    mps = name == "auto" and torch.backends.mps.is_available()
-    return torch.device("mps" if mps else "cpu" if name == "auto" else name)
+    return torch.device(name)
 
 def resolve_precision(precision, device, convnet=False):
     """--precision auto: bf16 autocast where the hardware has bf16 units (GPUs of compute
-    capability 8.0 and up; CPUs with AVX512-BF16 or AMX, where it measured 1.7x the images/s
-    of fp32 with the same k-NN); fp16 with a GradScaler on older GPUs (T4, V100), as the
-    official --use_fp16; else fp32, since emulated bf16 is slower. A convnet on a CPU: fp32,
-    since PyTorch's bf16 convolution backward there returned non-finite weight gradients for a
-    1 x 1 input (a ResNet's last stage on a 16-px crop)."""
+    capability 8.0 and up; CPUs with AVX512-BF16 or AMX); fp16 with a GradScaler on older GPUs,
+    as the official --use_fp16; else fp32, since emulated bf16 is slower. A convnet on a CPU:
+    fp32, since PyTorch's bf16 convolution backward there fails on 1 x 1 inputs."""
     if precision != "auto":
         return precision
     if device.type == "cuda":
         major, minor = torch.cuda.get_device_capability(device)
         precision = "bf16" if major >= 8 else "fp16"
         why = f"compute capability {major}.{minor}: bf16 units from 8.0 on"
+    elif device.type != "cpu":
+        precision, why = "fp32", f"autocast is not tried on {device.type}"
     elif convnet:
         precision, why = "fp32", "a convnet: bf16 convolutions fail on 1 x 1 inputs on a CPU"
     else:
         flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
-        native = device.type == "cpu" and (" avx512_bf16" in flags or " amx_bf16" in flags)
+        native = " avx512_bf16" in flags or " amx_bf16" in flags
         precision, why = ("bf16", "bf16 units") if native else ("fp32", "no bf16 units")
     say(f"--precision auto: {precision} ({why})")
     return precision
@@ -886,32 +920,54 @@ def bare(model):
     return getattr(model, "module", model)
 
 
+
+
 # ----------------------------------------------------------------------------------------------
-# 10. The loop: checkpoints (atomic, exact resume), stopping, logging, evaluation
+# 10. The loop: checkpoints (durable, exact resume), stopping, faults, logging, evaluation
 # ----------------------------------------------------------------------------------------------
 ARCH_FLAGS = ("arch", "optimizer", "patch_size", "embed_dim", "depth", "num_heads", "out_dim",
               "head_hidden_dim", "bottleneck_dim", "norm_last_layer", "use_bn_in_head")
+CHECKPOINT_KEYS = {"student", "teacher", "optimizer", "scaler", "dino_loss", "it", "args"}
 
 def save_checkpoint(state, args, path):
-    """Write to a temporary file, then rename: a kill at any moment leaves the last one whole."""
+    """Write a temporary file, flush it to the disk, then rename it over path: after a kill or a
+    power cut, path holds the last checkpoint or this one, whole."""
     ckpt = {k: getattr(state, k).state_dict() for k in ("optimizer", "scaler", "dino_loss")}
     ckpt |= {name: bare(getattr(state, name)).state_dict() for name in ("student", "teacher")}
     ckpt |= {"it": state.it, "world_size": world_size(),
              "args": {**vars(args), "data": str(Path(args.data).resolve())}}
+    tmp = path.with_suffix(".tmp")
     try:
-        torch.save(ckpt, path.with_suffix(".tmp"))
-        os.replace(path.with_suffix(".tmp"), path)
-    except (OSError, RuntimeError) as e:  # a full disk, a failing device
-        path.with_suffix(".tmp").unlink(missing_ok=True)
-        raise Fault(f"could not write {path} ({str(e).strip().splitlines()[-1]}): the last "
-                    "complete checkpoint is kept; free some space, then the same command "
-                    "resumes") from None
+        with open(tmp, "wb") as f:
+            torch.save(ckpt, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:  # a full disk, a failing device: no temporary file is left behind
+        tmp.unlink(missing_ok=True)
+    if hasattr(os, "O_DIRECTORY"):  # POSIX: the rename itself reaches the disk too
+        folder = os.open(path.parent, os.O_DIRECTORY)
+        os.fsync(folder)
+        os.close(folder)
 
 def resume(state, args, path):
-    """Continue from path if it exists; refuse a checkpoint of another model or global batch."""
-    if not path.exists():
+    """Continue from path if it exists. Refuse a damaged checkpoint, one of another model or
+    global batch, and one that not every process finds (each node sees its own disk)."""
+    ckpt, it = {}, -1
+    if path.exists():
+        try:
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
+            it = ckpt["it"] if CHECKPOINT_KEYS <= ckpt.keys() else None
+        except Exception:  # cut short, empty, not a checkpoint
+            it = None
+        if it is None:
+            raise UsageError(f"{path} is damaged or incomplete: move it away to start again")
+    if agree(it, -it) != [it, -it]:
+        raise UsageError(f"the processes found different checkpoints: --output_dir "
+                         f"{args.output_dir} must be a folder that every node sees")
+    if not ckpt:
         return
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    ckpt["args"].setdefault("optimizer", "adamw")  # checkpoints from before --optimizer
     theirs = {k: ckpt["args"].get(k) for k in ARCH_FLAGS}
     if theirs != {k: getattr(args, k) for k in ARCH_FLAGS}:
         flags = " ".join(f"--{k} {v}" for k, v in theirs.items() if v != getattr(args, k))
@@ -924,12 +980,9 @@ def resume(state, args, path):
         raise UsageError(f"{path} was trained with a global batch of {saved} ({processes} "
                          f"processes), this run has {batch * world_size()}: match them, or "
                          "pass another --output_dir")
-    for name in ("student", "teacher"):
-        bare(getattr(state, name)).load_state_dict(ckpt[name])
-    state.optimizer.load_state_dict(ckpt["optimizer"])
-    state.dino_loss.load_state_dict(ckpt["dino_loss"])
-    if ckpt["scaler"]:  # empty when saved without fp16; another --precision is fine
-        state.scaler.load_state_dict(ckpt["scaler"])
+    for name in ("student", "teacher", "optimizer", "dino_loss", "scaler"):
+        if ckpt[name]:  # the scaler's is empty unless fp16: another --precision is fine
+            bare(getattr(state, name)).load_state_dict(ckpt[name])
     state.it = ckpt["it"]
     say(f"resumed from {path} at iteration {state.it}")
 
@@ -960,33 +1013,10 @@ class StopRequest:
             raise KeyboardInterrupt
         self.requested = True
 
-    def __bool__(self):  # every process stops at the same step: any one's request counts
-        flag = torch.tensor(float(self.requested))
-        if dist.is_initialized():
-            flag = flag.cuda() if dist.get_backend() == "nccl" else flag
-            dist.all_reduce(flag)
-        return bool(flag > 0)
-
 def ignore_signals(_worker_id):
     """Loader workers leave Ctrl-C and SIGTERM to the main process, which saves, then ends them."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
-
-@contextmanager
-def children_wait():
-    """PyTorch raises a loader worker's death from its SIGCHLD handler, wherever the main thread
-    is; a step or a checkpoint's write must not be cut in half: the handler runs after them."""
-    if not hasattr(signal, "SIGCHLD"):  # Windows
-        yield
-        return
-    caught = []
-    previous = signal.signal(signal.SIGCHLD, lambda *received: caught.append(received))
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGCHLD, previous)
-        if caught and callable(previous):
-            previous(*caught[0])
 
 def to_device(views, args, device, it):
     """Move a batch to the device; with --augment_on_device the photometric half of the
@@ -1007,15 +1037,15 @@ class Run:
     loader: torch.utils.data.DataLoader
     sampler: EpochSampler
     stop: StopRequest
-    saved_it: int = None  # the iteration in checkpoint.pth, if any
-    saved_at: float = field(default_factory=time.time)  # for --save_every_minutes
-    in_step: bool = False  # a fault inside train_step leaves the state half-updated
-    skipped: set = field(default_factory=set)  # files that could not be decoded
+    saved_it: int = None  # the iteration in checkpoint.pth, the same in every process
+    saved_at: float = field(default_factory=time.time)  # when it was written
+    skipped: set = field(default_factory=set)  # files that could not be read
 
     def save(self, state):
-        with children_wait():  # a worker's death is not a failed write
-            if rank() == 0:
-                save_checkpoint(state, self.args, self.out / "checkpoint.pth")
+        if rank() == 0:
+            save_checkpoint(state, self.args, self.out / "checkpoint.pth")
+        if dist.is_initialized():  # the others learn of the save once it is on the disk
+            dist.barrier()
         self.saved_it, self.saved_at = state.it, time.time()
 
 def train(args):
@@ -1034,17 +1064,13 @@ def train(args):
         f"views 2 x {args.global_crop_size} px + {args.local_crops_number} x "
         f"{args.local_crop_size} px; {sampler.steps} iterations per epoch on {world_size()} x "
         f"{device} in {args.precision}")
-    # a CPU run with the paper's defaults: say what it costs (in one process only: the timed
-    # step's collectives would wait for the other processes)
-    paper_defaults = not (args.preset or args.smoke or dist.is_initialized())
-    if device.type == "cpu" and paper_defaults and state.it == 0:
-        estimate_cpu_time(state, dataset, args, device, sampler.steps * args.epochs)
+    if device.type == "cpu" and not args.preset:
+        say("note: without --preset the defaults are the paper's recipe for 16 GPUs, days on a "
+            "CPU; --preset laptop trains a small ViT on 32-px images in about 30 minutes")
     with StopRequest() as stop:
-        run = Run(args, device, out, data, loader, sampler, stop, saved_it=state.it or None)
+        run = Run(args, device, out, data, loader, sampler, stop, state.it or None)
         try:
             return train_epochs(state, run)
-        except Fault:
-            raise
         except Exception as e:  # every fault takes this path (a killed worker raises any kind)
             raise fault(e, state, run) from None
         finally:  # the workers ignore SIGTERM (ignore_signals): end them through their queues
@@ -1052,39 +1078,35 @@ def train(args):
                 loader._iterator._shutdown_workers()
 
 def fault(e, state, run):
-    """A fault while training: the last finished step is saved (if no step was half done), and
-    a one-line Fault says what happened and what the checkpoint holds (status 1)."""
-    if hasattr(signal, "SIGCHLD"):  # the loader has failed: its workers are no news
-        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
-    if not run.in_step and state.it > 0:
-        run.save(state)
+    """A fault while training, as one line: what happened, and what the checkpoint holds."""
     what = ": ".join([type(e).__name__, *str(e).strip().splitlines()[-1:]])
-    ckpt = run.out / "checkpoint.pth"
-    kept = f"{ckpt} holds iteration {run.saved_it}" if run.saved_it else "nothing saved"
-    return Fault(f"{what} (iteration {state.it}); {kept}; the same command resumes")
+    then = "the same command resumes"
+    if "shared memory" in what:  # the loader workers' batches overflowed /dev/shm
+        then = "rerun with --num_workers 0, or with more /dev/shm (docker run --shm-size=8g)"
+    if run.saved_it is None:
+        return Fault(f"{what} (iteration {state.it}); nothing saved yet: {then}")
+    return Fault(f"{what} (iteration {state.it}); {run.out / 'checkpoint.pth'} holds iteration "
+                 f"{run.saved_it} of {(time.time() - run.saved_at) / 60:.0f} min ago: {then}")
 
 def train_epochs(state, run):
     """Epochs from where the checkpoint left off; returns the exit status (130: stopped)."""
-    args, ckpt = run.args, run.out / "checkpoint.pth"
-    first_epoch = state.it // run.sampler.steps
-    if state.it == 0 and args.eval_every:  # the baseline: the network at random initialization
-        evaluate(state, run, 0)
-    for epoch in range(first_epoch, args.epochs):
+    args, epoch = run.args, state.it // run.sampler.steps
+    # the baseline first: the network at random initialization
+    finished = state.it > 0 or not args.eval_every or evaluate(state, run, 0)
+    while finished and epoch < args.epochs:
         finished = train_one_epoch(state, run, epoch)
         run.save(state)
-        if not finished:
-            print(f"stopped at iteration {state.it}: saved {ckpt}; the same command resumes")
-            return 130
-        if args.eval_every and ((epoch + 1) % args.eval_every == 0 or epoch + 1 == args.epochs):
-            evaluate(state, run, epoch + 1)
-        if 0 < args.pause_after_epochs <= epoch + 1 - first_epoch and epoch + 1 < args.epochs:
-            return 0
+        epoch += 1
+        if finished and args.eval_every and (epoch % args.eval_every == 0 or epoch == args.epochs):
+            finished = evaluate(state, run, epoch)
+    if not finished:
+        held = "saved" if run.saved_it == state.it else "nothing saved in"
+        say(f"stopped at iteration {state.it}: {held} {run.out / 'checkpoint.pth'}; the same "
+            "command resumes")
+        return 130
     if rank() == 0:
         torch.save(bare(state.teacher).backbone.state_dict(), run.out / "teacher_backbone.pth")
     say(f"done: teacher backbone in {run.out / 'teacher_backbone.pth'}")
-    if run.skipped:
-        say(f"skipped {len(run.skipped)} files that could not be decoded: "
-            + ", ".join(sorted(run.skipped)))
     return 0
 
 def train_one_epoch(state, run, epoch):
@@ -1095,22 +1117,21 @@ def train_one_epoch(state, run, epoch):
     for views, _, bad in run.loader:
         for path in set(bad) - run.skipped - {""}:  # named once, replaced by another image
             log(run.out, {"type": "skipped", "it": state.it, "file": path},
-                {"skipped": f"{path}: cannot decode it, replaced by another image"})
+                {"skipped": f"{path}: cannot read it, replaced by another image"})
             run.skipped.add(path)
         views = to_device(views, args, run.device, state.it)
         torch.manual_seed(seed_for(args.seed, state.it))  # drop-path: a function of the step
-        with children_wait():
-            run.in_step = True
-            loss, teacher_probs, teacher_feats = train_step(state, views, epoch)
-            run.in_step = False
+        loss, teacher_probs, teacher_feats = train_step(state, views, epoch)
         steps, left = steps + 1, left - 1
         if state.it % args.log_every == 0 or state.it == (epoch + 1) * sampler.steps:
             log_step(state, run, epoch, loss, teacher_probs, teacher_feats,
                      seconds_per_step=(time.perf_counter() - t0) / steps, steps_left=left)
-        if args.save_every_minutes and time.time() - run.saved_at > 60 * args.save_every_minutes:
-            run.save(state)
-        if run.stop:
+        due = 0 < args.save_every_minutes < (time.time() - run.saved_at) / 60
+        stop, due = agree(run.stop.requested, due)  # every process decides the same
+        if stop:
             return False
+        if due:
+            run.save(state)
     return True
 
 def log_step(state, run, epoch, loss, teacher_probs, teacher_feats, seconds_per_step, steps_left):
@@ -1126,116 +1147,53 @@ def log_step(state, run, epoch, loss, teacher_probs, teacher_feats, seconds_per_
 
 def evaluate(state, run, epoch):
     """Weighted k-NN of the teacher's CLS features, and of the student's beside it (Fig. 6:
-    the teacher leads throughout): two passes over the images without gradients, shared by
-    all processes, which then all compute the same k-NN."""
-    if run.data[1]:
-        record = {"type": "knn", "epoch": epoch, "it": state.it}
-        for net, key in ((state.teacher, "knn_top1"), (state.student, "knn_top1_student")):
-            backbone = copy.deepcopy(bare(net).backbone).eval()  # eval(): no drop-path
-            record[key] = knn_accuracy(backbone, *run.data[:2], run.args, run.device)
-        log(run.out, record)
+    the teacher leads throughout), shared by all processes; False if a stop cut it short."""
+    if not run.data[1]:
+        return True
+    record = {"type": "knn", "epoch": epoch, "it": state.it}
+    for net, key in ((state.teacher, "knn_top1"), (state.student, "knn_top1_student")):
+        backbone = copy.deepcopy(bare(net).backbone).eval()  # eval(): no drop-path
+        record[key] = knn_accuracy(backbone, *run.data[:2], run.args, run.device, run.stop)
+        if record[key] is None:
+            return False
+    log(run.out, record)
+    return True
 
 def one_batch(dataset, args):
     """The first batch of epoch 0, as the loader gives it: V tensors (B, 3, h, w)."""
     items = [dataset[(0, i % len(dataset))] for i in range(args.batch_size_per_gpu)]
     return default_collate(items)[0]
 
-def estimate_cpu_time(state, dataset, args, device, total_steps):
-    """Time one step on a copy of the state (the run is untouched) and say what the run costs:
-    without a preset the defaults are the paper's, made for 16 GPUs."""
-    views, t0 = one_batch(dataset, args), time.perf_counter()
-    train_step(copy.deepcopy(state), to_device(views, args, device, 0), 0)
-    hours = (time.perf_counter() - t0) * total_steps / 3600
-    print(f"note: at this CPU's rate the run takes about {hours:.1f} h ({total_steps} steps); "
-          "--preset laptop trains a small ViT on 32-px images in 30 minutes")
-
-
-# ----------------------------------------------------------------------------------------------
-# 11. Benchmark: one JSON line of speed figures
-# ----------------------------------------------------------------------------------------------
 def benchmark(args):
-    """Training images/s after warm-up, FLOP per image, achieved FLOP/s against a matrix
-    product in the step's precision timed in the same run, memory, and the data pipeline's
-    images/s per worker (426 x 320 JPEGs, all crops)."""
+    """The step's training images/s on one batch of 426 x 320 JPEGs (the loader left out),
+    seconds per step and peak memory, as one JSON line; notebooks/6_speed.ipynb measures more."""
     device, B = setup_device(args.device), args.batch_size_per_gpu
     root = make_synthetic_images(Path(args.output_dir) / "bench_data", 2, 8, (320, 426), ext=".jpg")
-    items = list_images(Path(root) / "train")[0]
-    dataset = MultiCropDataset(items, multicrop_of(args), 0, not args.augment_on_device)
-    torch.set_num_threads(1)  # as in a loader worker
-    per_image = seconds(lambda: [dataset[(1, i)] for i in range(len(items))], 2) / len(items)
-    torch.set_num_threads(args.threads or os.cpu_count())
-    views = one_batch(dataset, args)
+    dataset = MultiCropDataset(list_images(Path(root) / "train")[0], multicrop_of(args), 0,
+                               not args.augment_on_device)
+    cuda, views = device.type == "cuda", one_batch(dataset, args)
+    views = [v.pin_memory() for v in views] if cuda else views  # as the loader hands them over
     state = build(args, device, iters_per_epoch=100)  # schedules long enough for the timed steps
-
-    def step():
-        train_step(state, to_device(views, args, device, state.it), 1)
-
-    with FlopCounterMode(display=False) as counter:
-        step()
-    cuda = device.type == "cuda"
-    step_s, flop = seconds(step, 5, cuda), counter.get_total_flops() / B
-    matmul = matmul_rate(device, AMP_DTYPES[args.precision] or torch.float32)
-    name = torch.cuda.get_device_name() if cuda else f"cpu x {torch.get_num_threads()}"
-    result = {"device": name,
-              "precision": args.precision, "train_img_per_s": B / step_s, "step_s": step_s,
-              "gflop_per_img": flop / 1e9, "achieved_gflop_per_s": flop * B / step_s / 1e9,
-              "matmul_gflop_per_s": matmul / 1e9, "utilisation": flop * B / step_s / matmul,
-              "pipeline_img_per_s_per_worker": 1 / per_image, **peak_memory_mb(device)}
+    for i in range(6):
+        if i == 1:  # after one warm-up step, 5 timed ones
+            t0 = time.perf_counter()
+        train_step(state, to_device(views, args, device, state.it), 1)  # loss.item() syncs
+    step_s = (time.perf_counter() - t0) / 5
+    if cuda:
+        name, peak = torch.cuda.get_device_name(), torch.cuda.max_memory_allocated(device)
+    else:  # the process's peak resident memory (Unix: in KiB)
+        import resource
+        name = f"cpu x {torch.get_num_threads()}"
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    result = {"device": name, "precision": args.precision, "train_img_per_s": B / step_s,
+              "step_s": step_s, "peak_mem_mb": peak / 2**20}
     print(json.dumps(result))
     return result
 
-def peak_memory_mb(device):
-    """CUDA: the peak of the tensors and of what the allocator reserved (what nvidia-smi shows);
-    a CPU: the process's peak resident memory (Unix)."""
-    if device.type == "cuda":
-        return {"peak_mem_mb": torch.cuda.max_memory_allocated(device) / 2**20,
-                "reserved_mem_mb": torch.cuda.max_memory_reserved(device) / 2**20}
-    import resource
-    return {"peak_mem_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10}
-
-def matmul_rate(device, dtype):
-    """FLOP/s of a 4096 x 4096 matrix product in dtype: the ceiling of a step in that precision."""
-    a = torch.randn(4096, 4096, device=device, dtype=dtype)
-    return 2 * 4096**3 / seconds(lambda: a @ a, 5, device.type == "cuda")
-
-def seconds(fn, n, cuda=False):
-    """Mean wall time of n calls of fn, after one warm-up call."""
-    def now():
-        if cuda:  # CUDA kernels run asynchronously: wait until they are done
-            torch.cuda.synchronize()
-        return time.perf_counter()
-
-    fn()
-    start = now()
-    for _ in range(n):
-        fn()
-    return (now() - start) / n
-
 
 # ----------------------------------------------------------------------------------------------
-# 12. Released weights, presets and the command line
+# 11. Presets and the command line
 # ----------------------------------------------------------------------------------------------
-def official_state_dict(state):
-    """A released or official-training checkpoint as this file's VisionTransformer's: the
-    teacher of a full checkpoint, "module." and "backbone." stripped, the head dropped."""
-    state = state.get("teacher", state)
-    state = {k.removeprefix("module.").removeprefix("backbone."): v for k, v in state.items()}
-    return {k: v for k, v in state.items() if not k.startswith("head.")}
-
-def load_official_weights(arch="vit_small", patch_size=16, path=None):
-    """A VisionTransformer with the released DINO weights, from path or the official URL."""
-    model = VisionTransformer(224, patch_size, *ARCHS[arch])
-    name = {"vit_small": "deitsmall", "vit_base": "vitbase"}[arch] + str(patch_size)
-    url = f"https://dl.fbaipublicfiles.com/dino/dino_{name}_pretrain/dino_{name}_pretrain.pth"
-    try:
-        state = (torch.load(path, map_location="cpu", weights_only=True) if path else
-                 torch.hub.load_state_dict_from_url(url, map_location="cpu"))
-    except OSError as e:
-        raise UsageError(f"could not fetch {path or url} ({type(e).__name__}): download it "
-                         "and pass its path") from None
-    model.load_state_dict(official_state_dict(state))
-    return model.eval()
-
 PRESETS = {
     # The whole loop in seconds on a CPU: a 2-block ViT on 32-px crops of generated images.
     "smoke": dict(arch="vit_tiny", patch_size=8, embed_dim=64, depth=2, num_heads=2, out_dim=256,
@@ -1264,6 +1222,11 @@ PRESETS = {
         num_workers=1, augment_on_device=True, eval_every=4),
 }
 
+def default_workers():
+    """The node's cores shared among its processes (torchrun's LOCAL_WORLD_SIZE), 10 at most."""
+    cores = (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    return max(1, min(10, cores))
+
 # Every flag: (name, type, default, why it is that value); names as in the official main_dino.py.
 # A bool flag takes yes or no; a tuple takes two numbers; the switches take nothing.
 SWITCHES = ("smoke", "benchmark", "compile")
@@ -1273,7 +1236,7 @@ FLAGS = [
     ("output_dir", str, "./dino_output", "checkpoint.pth, log.jsonl; the same command resumes"),
     ("preset", str, None, "a set of defaults (smoke, laptop); explicit flags still win"),
     ("smoke", bool, False, "= --preset smoke on generated images: the loop in seconds on a CPU"),
-    ("benchmark", bool, False, "print one JSON line of training and data pipeline speed"),
+    ("benchmark", bool, False, "print one JSON line: the step's images/s, seconds, memory"),
     ("device", str, "auto", "auto picks cuda, then mps, then cpu"),
     ("arch", str, "vit_small", "the paper's main model; vit_tiny, vit_base, resnet18, resnet50"),
     ("optimizer", str, "adamw", "adamw (official for ViTs) or sgd (momentum 0.9: convnets)"),
@@ -1313,12 +1276,11 @@ FLAGS = [
     ("augment_on_device", bool, False, "workers decode and crop; the rest runs on the device"),
     ("compile", bool, False, "torch.compile the networks (a GPU, after minutes of compiling)"),
     ("seed", int, 0, "same seed, same flags: bitwise-equal weights on the CPU"),
-    ("num_workers", int, min(10, os.cpu_count() or 1), "data loading processes"),
+    ("num_workers", int, default_workers(), "loader processes per process (and for the k-NN)"),
     ("threads", int, None, "torch threads (default: all cores)"),
     ("eval_every", int, 10, "epochs between weighted k-NN evaluations (and one at start); 0: none"),
     ("log_every", int, 10, "iterations between log lines"),
     ("save_every_minutes", float, 10.0, "also save a checkpoint this often; 0: once per epoch"),
-    ("pause_after_epochs", int, 0, "stop cleanly after this many epochs; the same command goes on"),
 ]
 CHOICES = {"arch": [*ARCHS, *RESNETS], "optimizer": ["adamw", "sgd"],
            "preset": list(PRESETS), "precision": list(AMP_DTYPES) + ["auto"],
@@ -1376,32 +1338,44 @@ def multicrop_of(args):
     return MultiCrop(args.global_crop_size, args.local_crop_size, args.global_crops_scale,
                      args.local_crops_scale, args.local_crops_number, args.blur_sigma)
 
+def claim(folder):
+    """Make --output_dir and lock it for this run (rank 0): a second run there is refused."""
+    try:
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        lock = os.fdopen(os.open(Path(folder) / "lock", os.O_CREAT | os.O_WRONLY), "w")
+    except OSError as e:
+        raise UsageError(f"cannot write to --output_dir {folder} ({e.strerror}): pick another "
+                         "folder") from None
+    if os.environ.get("RANK", "0") == "0" and os.name == "posix":
+        import fcntl
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)  # released when the file closes
+        except BlockingIOError:
+            raise UsageError(f"another run is using --output_dir {folder}: wait for it to end, "
+                             "or pass another folder") from None
+    return lock
+
 def main(argv=None):
     try:
         args = parse_args(argv)
         if args.threads:
             torch.set_num_threads(args.threads)
-        try:
-            Path(args.output_dir).mkdir(parents=True, exist_ok=True)
-            tempfile.TemporaryFile(dir=args.output_dir).close()  # a probe with its own name
-        except OSError as e:
-            raise UsageError(f"cannot write to --output_dir {args.output_dir} ({e.strerror}): "
-                             "pick another folder") from None
-        if args.smoke and args.data is None:
-            args.data = make_synthetic_images(Path(args.output_dir) / "smoke_data")
-        if args.benchmark:
-            return benchmark(args) and 0
-        if args.data is None:
-            raise UsageError("pass --data DIR (or --smoke to try the loop on generated images)")
-        if args.download and "RANK" in os.environ:  # every process would write the folder
-            raise UsageError("--download under torchrun: download first in one process")
-        args.data = download(args.download, args.data) if args.download else args.data
-        return train(args)
+        with claim(args.output_dir):
+            if args.smoke and args.data is None:
+                args.data = make_synthetic_images(Path(args.output_dir) / "smoke_data")
+            if args.benchmark:
+                return benchmark(args) and 0
+            if args.data is None:
+                raise UsageError("pass --data DIR (or --smoke to try the loop on generated images)")
+            if args.download and "RANK" in os.environ:  # every process would write the folder
+                raise UsageError("--download under torchrun: download first in one process")
+            args.data = download(args.download, args.data) if args.download else args.data
+            return train(args)
     except UsageError as e:  # from a loader worker the message ends "...UsageError: <message>"
         message = str(e).strip().splitlines()[-1].split("UsageError: ")[-1]
         print(f"error: {message}", file=sys.stderr)
         return 2
-    except Fault as e:  # a NaN loss: try --precision fp32, a lower --lr or --teacher_temp
+    except Fault as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     finally:
