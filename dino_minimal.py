@@ -587,8 +587,7 @@ def say(text):
         print(text, flush=True)
 
 def agree(*values):
-    """Each value's maximum over the processes: they all take the same decision (to stop, to
-    save) and see the same checkpoint. One process: the values themselves."""
+    """Each value's maximum over all processes: they take the same decisions (stop, save)."""
     x = torch.tensor(values, dtype=torch.float64)
     if dist.is_initialized():
         x = x.cuda() if dist.get_backend() == "nccl" else x
@@ -679,8 +678,7 @@ class MultiCropDataset(torch.utils.data.Dataset):
         return len(self.items)
 
     def __getitem__(self, key):
-        """The crops of image key[1], its label, and "" or the file it replaces: a file that
-        cannot be read is replaced by the next image (a deterministic choice: exact resume)."""
+        """Crops, label, and "" or the unreadable file that the next image replaces."""
         epoch, index, bad = *key, ""
         while True:
             path, label = self.items[index]
@@ -712,8 +710,7 @@ class EpochSampler(torch.utils.data.Sampler):
             yield from ((self.epoch, i) for i in perm[first:first + self.batch])
 
 def eval_batch(batch):
-    """Loader workers decode the k-NN's images: [(path, label, size)] -> (n, 3, size, size) and
-    the labels, -1 for an image that cannot be read (it is left out of the k-NN)."""
+    """[(path, label, size)] -> (n, 3, size, size), labels (-1: unreadable, left out)."""
     views, labels = [], []
     for path, label, size in batch:
         try:
@@ -756,16 +753,14 @@ def gather_shares(x, n):
     return torch.stack(shares, 1).flatten(0, 1)[:n]  # row j*W + r is item j*W + r
 
 def knn_accuracy(backbone, train_items, val_items, args, device, stop=None):
-    """Weighted k-NN top-1 (App. F.1): the training set is the memory, val the queries. None
-    if a stop was requested meanwhile, in any process."""
+    """Weighted k-NN top-1 (App. F.1), training set as memory, val as queries; None: stopped."""
     size, workers = args.global_crop_size, args.num_workers
     memory = extract_features(backbone, train_items, size, device, workers, stop)
     queries = extract_features(backbone, val_items, size, device, workers, stop)
     return None if stop and agree(stop.requested)[0] else knn_classify(*memory, *queries)
 
 def make_synthetic_images(root, classes=10, per_class=24, size=48, seed=0, ext=".png"):
-    """A toy image set: each class a coloured grating of its own orientation and frequency
-    under noise, so a network can learn it. For --smoke, the tests and --benchmark."""
+    """Toy classes: coloured gratings of their own orientation and frequency, under noise."""
     rng = torch.Generator().manual_seed(seed)
     H, W = (size, size) if isinstance(size, int) else size
     yy, xx = torch.meshgrid(torch.arange(H), torch.arange(W), indexing="ij")
@@ -818,8 +813,7 @@ def download(name, root):
 #    notebooks/RESULTS.md (Performance). None changes the algorithm of Part I.
 # ----------------------------------------------------------------------------------------------
 def setup_device(name):
-    """One process, or one per GPU under torchrun (env RANK, WORLD_SIZE); gloo on the CPU.
-    auto takes cuda, then mps, then the CPU, and says why when a CUDA build finds no GPU."""
+    """auto: cuda, mps, else the CPU. Under torchrun one process per GPU (gloo on CPUs)."""
     found = {"cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}
     if not found.get(name, True):
         raise UsageError(f"--device {name}, but torch finds no such device: pass auto or cpu")
@@ -837,10 +831,8 @@ def setup_device(name):
     return torch.device(name)
 
 def resolve_precision(precision, device, convnet=False):
-    """--precision auto: bf16 autocast where the hardware has bf16 units (GPUs of compute
-    capability 8.0 and up; CPUs with AVX512-BF16 or AMX); fp16 with a GradScaler on older GPUs,
-    as the official --use_fp16; else fp32, since emulated bf16 is slower. A convnet on a CPU:
-    fp32, since PyTorch's bf16 convolution backward there fails on 1 x 1 inputs."""
+    """--precision auto: bf16 where the hardware has bf16 units, fp16 with a GradScaler on older
+    GPUs (the official --use_fp16), else fp32: emulated bf16 is slower."""
     if precision != "auto":
         return precision
     if device.type == "cuda":
@@ -930,8 +922,7 @@ ARCH_FLAGS = ("arch", "optimizer", "patch_size", "embed_dim", "depth", "num_head
 CHECKPOINT_KEYS = {"student", "teacher", "optimizer", "scaler", "dino_loss", "it", "args"}
 
 def save_checkpoint(state, args, path):
-    """Write a temporary file, flush it to the disk, then rename it over path: after a kill or a
-    power cut, path holds the last checkpoint or this one, whole."""
+    """A temporary file flushed to the disk, then renamed: path is always one whole checkpoint."""
     ckpt = {k: getattr(state, k).state_dict() for k in ("optimizer", "scaler", "dino_loss")}
     ckpt |= {name: bare(getattr(state, name)).state_dict() for name in ("student", "teacher")}
     ckpt |= {"it": state.it, "world_size": world_size(),
@@ -951,8 +942,7 @@ def save_checkpoint(state, args, path):
         os.close(folder)
 
 def resume(state, args, path):
-    """Continue from path if it exists. Refuse a damaged checkpoint, one of another model or
-    global batch, and one that not every process finds (each node sees its own disk)."""
+    """Continue from path if it exists; refuse a damaged one, another model or global batch."""
     ckpt, it = {}, -1
     if path.exists():
         try:
@@ -987,8 +977,7 @@ def resume(state, args, path):
     say(f"resumed from {path} at iteration {state.it}")
 
 def log(out, record, shown=None):
-    """Append record as a JSON line to out/log.jsonl with its Unix time (rank 0), and print it
-    (or `shown` in its place)."""
+    """Rank 0: record as a JSON line of out/log.jsonl with its time; print it (or `shown`)."""
     if rank() != 0:
         return
     with open(out / "log.jsonl", "a") as f:
@@ -1019,8 +1008,7 @@ def ignore_signals(_worker_id):
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 def to_device(views, args, device, it):
-    """Move a batch to the device; with --augment_on_device the photometric half of the
-    augmentation runs there, batched, drawn from seed_for(seed, iteration, rank)."""
+    """To the device; --augment_on_device: the photometric half there, keyed (seed, it, rank)."""
     views = [v.to(device, non_blocking=True) for v in views]
     if not args.augment_on_device:
         return views
@@ -1135,8 +1123,7 @@ def train_one_epoch(state, run, epoch):
     return True
 
 def log_step(state, run, epoch, loss, teacher_probs, teacher_feats, seconds_per_step, steps_left):
-    """The step's loss, collapse diagnostics and schedules; printed with the epoch as e/E and
-    the time left at this epoch's rate (the k-NN evaluations not counted)."""
+    """Loss, collapse diagnostics, schedules; shown with the epoch as e/E and the time left."""
     s, it, B = state.schedules, state.it - 1, run.args.batch_size_per_gpu * world_size()
     record = {"type": "step", "epoch": epoch, "it": state.it, "loss": loss.item(),
               **collapse_metrics(loss, teacher_probs, teacher_feats),
@@ -1146,8 +1133,7 @@ def log_step(state, run, epoch, loss, teacher_probs, teacher_feats, seconds_per_
                           "left": f"{steps_left * seconds_per_step / 60:.1f} min"})
 
 def evaluate(state, run, epoch):
-    """Weighted k-NN of the teacher's CLS features, and of the student's beside it (Fig. 6:
-    the teacher leads throughout), shared by all processes; False if a stop cut it short."""
+    """k-NN of the teacher, and of the student beside it (Fig. 6); False if a stop cut it."""
     if not run.data[1]:
         return True
     record = {"type": "knn", "epoch": epoch, "it": state.it}
@@ -1165,8 +1151,7 @@ def one_batch(dataset, args):
     return default_collate(items)[0]
 
 def benchmark(args):
-    """The step's training images/s on one batch of 426 x 320 JPEGs (the loader left out),
-    seconds per step and peak memory, as one JSON line; notebooks/6_speed.ipynb measures more."""
+    """One JSON line: the step's images/s (the loader left out), seconds and peak memory."""
     device, B = setup_device(args.device), args.batch_size_per_gpu
     root = make_synthetic_images(Path(args.output_dir) / "bench_data", 2, 8, (320, 426), ext=".jpg")
     dataset = MultiCropDataset(list_images(Path(root) / "train")[0], multicrop_of(args), 0,
@@ -1277,7 +1262,6 @@ FLAGS = [
     ("compile", bool, False, "torch.compile the networks (a GPU, after minutes of compiling)"),
     ("seed", int, 0, "same seed, same flags: bitwise-equal weights on the CPU"),
     ("num_workers", int, default_workers(), "loader processes per process (and for the k-NN)"),
-    ("threads", int, None, "torch threads (default: all cores)"),
     ("eval_every", int, 10, "epochs between weighted k-NN evaluations (and one at start); 0: none"),
     ("log_every", int, 10, "iterations between log lines"),
     ("save_every_minutes", float, 10.0, "also save a checkpoint this often; 0: once per epoch"),
@@ -1287,7 +1271,7 @@ CHOICES = {"arch": [*ARCHS, *RESNETS], "optimizer": ["adamw", "sgd"],
            "download": ["imagenette", "cifar10", "fashion_mnist"]}
 POSITIVE = ("patch_size", "out_dim", "batch_size_per_gpu", "epochs", "global_crop_size",
             "local_crop_size", "teacher_temp", "warmup_teacher_temp", "student_temp", "log_every",
-            "head_hidden_dim", "bottleneck_dim", "embed_dim", "depth", "num_heads", "threads")
+            "head_hidden_dim", "bottleneck_dim", "embed_dim", "depth", "num_heads")
 
 def yes_no(text):
     return text.lower() in ("1", "true", "yes")
@@ -1358,8 +1342,6 @@ def claim(folder):
 def main(argv=None):
     try:
         args = parse_args(argv)
-        if args.threads:
-            torch.set_num_threads(args.threads)
         with claim(args.output_dir):
             if args.smoke and args.data is None:
                 args.data = make_synthetic_images(Path(args.output_dir) / "smoke_data")
@@ -1374,10 +1356,7 @@ def main(argv=None):
     except UsageError as e:  # from a loader worker the message ends "...UsageError: <message>"
         message = str(e).strip().splitlines()[-1].split("UsageError: ")[-1]
         print(f"error: {message}", file=sys.stderr)
-        return 2
-    except Fault as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+        return e.status
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
