@@ -727,15 +727,15 @@ def extract_features(backbone, items, size, device, workers=0, stop=None):
     device. Each of W processes takes every W-th item, then the shares are gathered; a stop
     request cuts the pass short."""
     share = [(path, label, size) for path, label in items[rank()::world_size()]]
+    share = share or [(items[0][0], -1, size)]  # fewer items than processes: gather cuts it off
     loader = torch.utils.data.DataLoader(share, batch_size=256, num_workers=workers,
                                          collate_fn=eval_batch, worker_init_fn=ignore_signals)
-    feats = [torch.empty(0, backbone.embed_dim, device=device)]  # a process's share may be empty
-    labels = [torch.empty(0, dtype=torch.long, device=device)]
+    feats, labels = [], []
     for x, y in loader:
-        if stop and stop.requested:  # the caller drops this pass
-            break
         feats.append(backbone(x.to(device)).float())
         labels.append(y.to(device))
+        if stop and stop.requested:  # the caller drops this pass
+            break
     feats, labels = torch.cat(feats), torch.cat(labels)
     if dist.is_initialized():
         feats, labels = gather_shares(feats, len(items)), gather_shares(labels, len(items))
@@ -1052,7 +1052,7 @@ def train(args):
         f"views 2 x {args.global_crop_size} px + {args.local_crops_number} x "
         f"{args.local_crop_size} px; {sampler.steps} iterations per epoch on {world_size()} x "
         f"{device} in {args.precision}")
-    if device.type == "cpu" and not args.preset:
+    if device.type == "cpu" and not (args.preset or args.smoke):
         say("note: without --preset the defaults are the paper's recipe for 16 GPUs, days on a "
             "CPU; --preset laptop trains a small ViT on 32-px images in about 30 minutes")
     with StopRequest() as stop:
@@ -1074,7 +1074,8 @@ def fault(e, state, run):
     if run.saved_it is None:
         return Fault(f"{what} (iteration {state.it}); nothing saved yet: {then}")
     return Fault(f"{what} (iteration {state.it}); {run.out / 'checkpoint.pth'} holds iteration "
-                 f"{run.saved_it} of {(time.time() - run.saved_at) / 60:.0f} min ago: {then}")
+                 f"{run.saved_it}, saved {(time.time() - run.saved_at) / 60:.0f} min ago: {then} "
+                 "from it")
 
 def train_epochs(state, run):
     """Epochs from where the checkpoint left off; returns the exit status (130: stopped)."""
@@ -1261,6 +1262,7 @@ FLAGS = [
     ("augment_on_device", bool, False, "workers decode and crop; the rest runs on the device"),
     ("compile", bool, False, "torch.compile the networks (a GPU, after minutes of compiling)"),
     ("seed", int, 0, "same seed, same flags: bitwise-equal weights on the CPU"),
+    ("threads", int, None, "torch threads (default: all cores)"),
     ("num_workers", int, default_workers(), "loader processes per process (and for the k-NN)"),
     ("eval_every", int, 10, "epochs between weighted k-NN evaluations (and one at start); 0: none"),
     ("log_every", int, 10, "iterations between log lines"),
@@ -1271,7 +1273,7 @@ CHOICES = {"arch": [*ARCHS, *RESNETS], "optimizer": ["adamw", "sgd"],
            "download": ["imagenette", "cifar10", "fashion_mnist"]}
 POSITIVE = ("patch_size", "out_dim", "batch_size_per_gpu", "epochs", "global_crop_size",
             "local_crop_size", "teacher_temp", "warmup_teacher_temp", "student_temp", "log_every",
-            "head_hidden_dim", "bottleneck_dim", "embed_dim", "depth", "num_heads")
+            "head_hidden_dim", "bottleneck_dim", "embed_dim", "depth", "num_heads", "threads")
 
 def yes_no(text):
     return text.lower() in ("1", "true", "yes")
@@ -1342,6 +1344,8 @@ def claim(folder):
 def main(argv=None):
     try:
         args = parse_args(argv)
+        if args.threads:
+            torch.set_num_threads(args.threads)
         with claim(args.output_dir):
             if args.smoke and args.data is None:
                 args.data = make_synthetic_images(Path(args.output_dir) / "smoke_data")
