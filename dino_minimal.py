@@ -611,17 +611,12 @@ def load_rgb(path):
         raise UsageError(f"cannot read {path} ({e}): delete or replace it, then rerun") from None
 
 def list_images(folder, min_size=0, classes=None):
-    """(path, label) for every image of folder/<class>/..., and the class names; a label is the
-    index of its class's name in `classes` (the training set's, for k-NN queries). Files that
-    are not images are skipped and counted; any other surprise is refused in one line."""
+    """(path, label) for each image of folder/<class>/..., labels indexing `classes` (train's)."""
     names = sorted(d.name for d in folder.iterdir() if d.is_dir())
+    classes, items, skipped, small = classes or names, [], 0, []
     for name in names:
         if (folder / name / "train").is_dir():  # a dataset's own folder inside --data
             raise UsageError(f"{folder / name} holds train/: pass --data {folder / name}")
-    if classes is None and len(names) < 2:
-        raise UsageError(f"{folder} holds {len(names)} class folders, not {folder}/<class>/...")
-    classes, items, skipped, small = classes or names, [], 0, []
-    for name in names:
         if name not in classes:
             raise UsageError(f"{folder / name}: a k-NN query class that train/ does not have")
         found = len(items)
@@ -636,6 +631,8 @@ def list_images(folder, min_size=0, classes=None):
                 skipped += path.is_file()
         if len(items) == found:
             raise UsageError(f"{folder / name} holds no images: remove it or fill it")
+    if len(classes) < 2:  # a k-NN query's classes are train's, which has checked this
+        raise UsageError(f"{folder} holds {len(names)} class folders, not {folder}/<class>/...")
     if small:
         raise UsageError(f"{len(small)} images (e.g. {small[0]}) are smaller than the {min_size}"
                          "-px local crops: lower --global_crop_size and --local_crop_size")
@@ -644,8 +641,7 @@ def list_images(folder, min_size=0, classes=None):
     return items, classes
 
 def load_splits(args):
-    """DIR/train and DIR/val (the Imagenette layout), or one tree DIR whose every 5th image per
-    class is held out as a k-NN query (and not trained on)."""
+    """DIR/train and DIR/val, or one tree DIR whose every 5th image per class is a k-NN query."""
     root = Path(args.data)
     if not root.is_dir():
         raise UsageError(f"--data {root} is not a folder: pass a folder of class folders, or "
@@ -667,8 +663,7 @@ def load_splits(args):
     return train_items, val_items, classes
 
 class MultiCropDataset(torch.utils.data.Dataset):
-    """Items keyed (epoch, index): an image's crops are drawn from seed_for(seed, epoch, index),
-    so they depend neither on the number of workers nor on resuming."""
+    """Items keyed (epoch, index), crops drawn from seed_for(seed, epoch, index): exact resume."""
 
     def __init__(self, items, multicrop, seed, photometric=True):
         self.items, self.multicrop, self.seed = items, multicrop, seed
@@ -679,16 +674,15 @@ class MultiCropDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, key):
         """Crops, label, and "" or the unreadable file that the next image replaces."""
-        epoch, index, bad = *key, ""
-        while True:
-            path, label = self.items[index]
-            try:
-                img = load_rgb(path)
-                break
-            except UsageError:
-                bad, index = bad or str(path), (index + 1) % len(self.items)
+        epoch, index = key
+        path, label = self.items[index]
+        try:
+            img = load_rgb(path)
+        except UsageError:
+            crops, label, _ = self[(epoch, (index + 1) % len(self.items))]
+            return crops, label, str(path)
         rng = torch.Generator().manual_seed(seed_for(self.seed, epoch, index))
-        return self.multicrop(img, rng, self.photometric), label, bad
+        return self.multicrop(img, rng, self.photometric), label, ""
 
 class EpochSampler(torch.utils.data.Sampler):
     """Shuffles per epoch; step s takes images perm[s*B*W : (s+1)*B*W], process r the r-th
@@ -723,9 +717,7 @@ def eval_batch(batch):
 
 @torch.no_grad()
 def extract_features(backbone, items, size, device, workers=0, stop=None):
-    """backbone(eval_view(image)) in fp32 for every (path, label) item: (n, D), (n,) on the
-    device. Each of W processes takes every W-th item, then the shares are gathered; a stop
-    request cuts the pass short."""
+    """(n, D) fp32 backbone(eval_view(image)) and (n,) labels of the items; process r takes r::W."""
     share = [(path, label, size) for path, label in items[rank()::world_size()]]
     share = share or [(items[0][0], -1, size)]  # fewer items than processes: gather cuts it off
     loader = torch.utils.data.DataLoader(share, batch_size=256, num_workers=workers,
@@ -745,10 +737,9 @@ def extract_features(backbone, items, size, device, workers=0, stop=None):
 
 def gather_shares(x, n):
     """Every process's share items[r::W] of n items, gathered back into item order: (n, ...)."""
-    W = world_size()
-    m = math.ceil(n / W)  # the shares padded to one length, with -1
+    m = math.ceil(n / world_size())  # the shares padded to one length, with -1
     x = torch.cat([x, x.new_full((m - len(x), *x.shape[1:]), -1)])  # (m, ...)
-    shares = [torch.empty_like(x) for _ in range(W)]
+    shares = [torch.empty_like(x) for _ in range(world_size())]
     dist.all_gather(shares, x)  # no process waits on another's k-NN: all compute the same
     return torch.stack(shares, 1).flatten(0, 1)[:n]  # row j*W + r is item j*W + r
 
@@ -780,19 +771,16 @@ def make_synthetic_images(root, classes=10, per_class=24, size=48, seed=0, ext="
     return str(root)
 
 def download(name, root):
-    """Fetch a dataset with torchvision as root/{train,val}/<class>/ (one line if it cannot):
-    Imagenette's 320-px release, or the laptop sets cifar10 and fashion_mnist with the first
-    1,000 images of each class of the training set and 200 of the test set."""
+    """root/{train,val}/<class>/ from torchvision: Imagenette (320 px), cifar10, fashion_mnist."""
     tvd, root = torchvision.datasets, Path(root)
     try:
         release = root / "imagenette2-320"  # where the archive unpacks: moved up into root
         if name == "imagenette" and not (root / "train").is_dir() and not release.is_dir():
             tvd.Imagenette(root, size="320px", download=True)
         for split, per_class in (("val", 200), ("train", 1000)):  # train last: done
-            if (root / split).is_dir():
-                continue
-            if name == "imagenette":
+            if name == "imagenette" and not (root / split).is_dir():
                 os.replace(release / split, root / split)
+            if (root / split).is_dir():  # moved up, or written before
                 continue
             dataset = {"cifar10": tvd.CIFAR10, "fashion_mnist": tvd.FashionMNIST}[name]
             images, count = dataset(root / "raw", train=split == "train", download=True), Counter()
@@ -831,8 +819,7 @@ def setup_device(name):
     return torch.device(name)
 
 def resolve_precision(precision, device, convnet=False):
-    """--precision auto: bf16 where the hardware has bf16 units, fp16 with a GradScaler on older
-    GPUs (the official --use_fp16), else fp32: emulated bf16 is slower."""
+    """auto: bf16 where native, fp16 with a GradScaler on older GPUs, else fp32 (no emulation)."""
     if precision != "auto":
         return precision
     if device.type == "cuda":
@@ -853,8 +840,7 @@ def resolve_precision(precision, device, convnet=False):
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
 
 class FusedAttention(Attention):
-    """The same attention in one kernel: flash attention on a GPU, no (N, N) matrix in memory.
-    Not on a CPU in bf16, where PyTorch's kernel measured 3-6x slower than the two matmuls."""
+    """The same attention in one kernel (no (N, N) matrix); not in CPU bf16: 3-6x slower there."""
 
     def attend(self, q, k, v):
         return F.scaled_dot_product_attention(q, k, v)
@@ -891,8 +877,7 @@ def build(args, device, iters_per_epoch):
     return state
 
 def schedules(args, iters_per_epoch):
-    """The schedules of the flags, per iteration; the peak lr by the linear scaling rule,
-    lr x total batch / 256 (App. B)."""
+    """Per-iteration schedules of the flags; peak lr scaled linearly, lr x batch / 256 (App. B)."""
     E, n, lr = args.epochs, iters_per_epoch, args.lr * args.batch_size_per_gpu * world_size() / 256
     return Schedules(
         lr=cosine_schedule(lr, args.min_lr, E, n, args.warmup_epochs),
@@ -910,8 +895,6 @@ def bare(model):
     """The module inside the DistributedDataParallel and torch.compile wrappers, if any."""
     model = getattr(model, "_orig_mod", model)
     return getattr(model, "module", model)
-
-
 
 
 # ----------------------------------------------------------------------------------------------
@@ -959,8 +942,8 @@ def resume(state, args, path):
         return
     ckpt["args"].setdefault("optimizer", "adamw")  # checkpoints from before --optimizer
     theirs = {k: ckpt["args"].get(k) for k in ARCH_FLAGS}
-    if theirs != {k: getattr(args, k) for k in ARCH_FLAGS}:
-        flags = " ".join(f"--{k} {v}" for k, v in theirs.items() if v != getattr(args, k))
+    flags = " ".join(f"--{k} {v}" for k, v in theirs.items() if v != getattr(args, k))
+    if flags:
         raise UsageError(f"{path} holds another model ({flags}): pass those flags or another "
                          "--output_dir")
     # the schedules are indexed by iteration: another global batch would change their meaning
@@ -1146,18 +1129,14 @@ def evaluate(state, run, epoch):
     log(run.out, record)
     return True
 
-def one_batch(dataset, args):
-    """The first batch of epoch 0, as the loader gives it: V tensors (B, 3, h, w)."""
-    items = [dataset[(0, i % len(dataset))] for i in range(args.batch_size_per_gpu)]
-    return default_collate(items)[0]
-
 def benchmark(args):
     """One JSON line: the step's images/s (the loader left out), seconds and peak memory."""
     device, B = setup_device(args.device), args.batch_size_per_gpu
     root = make_synthetic_images(Path(args.output_dir) / "bench_data", 2, 8, (320, 426), ext=".jpg")
     dataset = MultiCropDataset(list_images(Path(root) / "train")[0], multicrop_of(args), 0,
                                not args.augment_on_device)
-    cuda, views = device.type == "cuda", one_batch(dataset, args)
+    cuda, items = device.type == "cuda", [dataset[(0, i % len(dataset))] for i in range(B)]
+    views = default_collate(items)[0]  # the first batch of epoch 0: V tensors (B, 3, h, w)
     views = [v.pin_memory() for v in views] if cuda else views  # as the loader hands them over
     state = build(args, device, iters_per_epoch=100)  # schedules long enough for the timed steps
     for i in range(6):
@@ -1214,7 +1193,6 @@ def default_workers():
     return max(1, min(10, cores))
 
 # Every flag: (name, type, default, why it is that value); names as in the official main_dino.py.
-# A bool flag takes yes or no; a tuple takes two numbers; the switches take nothing.
 SWITCHES = ("smoke", "benchmark", "compile")
 FLAGS = [
     ("data", str, None, "DIR/{train,val}/<class>/*, or DIR/<class>/*: every 5th image a query"),
@@ -1268,9 +1246,8 @@ FLAGS = [
     ("log_every", int, 10, "iterations between log lines"),
     ("save_every_minutes", float, 10.0, "also save a checkpoint this often; 0: once per epoch"),
 ]
-CHOICES = {"arch": [*ARCHS, *RESNETS], "optimizer": ["adamw", "sgd"],
-           "preset": list(PRESETS), "precision": list(AMP_DTYPES) + ["auto"],
-           "download": ["imagenette", "cifar10", "fashion_mnist"]}
+CHOICES = {"arch": [*ARCHS, *RESNETS], "preset": list(PRESETS), "precision": [*AMP_DTYPES, "auto"],
+           "optimizer": ["adamw", "sgd"], "download": ["imagenette", "cifar10", "fashion_mnist"]}
 POSITIVE = ("patch_size", "out_dim", "batch_size_per_gpu", "epochs", "global_crop_size",
             "local_crop_size", "teacher_temp", "warmup_teacher_temp", "student_temp", "log_every",
             "head_hidden_dim", "bottleneck_dim", "embed_dim", "depth", "num_heads", "threads")
@@ -1283,11 +1260,11 @@ def parse_args(argv=None):
                                      usage="python dino_minimal.py --data DIR [--flag value ...]",
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     for name, kind, default, why in FLAGS:
-        if name in SWITCHES:
-            opts = {"action": "store_true"}
-        else:
-            opts = {"bool": {"type": yes_no}, "tuple": {"type": float, "nargs": 2}}.get(
-                kind.__name__, {"type": kind, "choices": CHOICES.get(name)})
+        opts = {"type": kind, "choices": CHOICES.get(name)}
+        if kind is bool:  # yes or no; the switches take nothing
+            opts = {"action": "store_true"} if name in SWITCHES else {"type": yes_no}
+        if kind is tuple:  # two numbers
+            opts = {"type": float, "nargs": 2}
         if name == "download":  # --download alone means Imagenette
             opts |= {"nargs": "?", "const": "imagenette"}
         parser.add_argument(f"--{name}", default=default, help=why, **opts)
