@@ -632,7 +632,7 @@ def list_images(folder, min_size=0, classes=None):
         if len(items) == found:
             raise UsageError(f"{folder / name} holds no images: remove it or fill it")
     if len(classes) < 2:  # a k-NN query's classes are train's, which has checked this
-        raise UsageError(f"{folder} holds {len(names)} class folders, not {folder}/<class>/...")
+        raise UsageError(f"{folder} holds {len(names)} class folders: 2 at least, as {folder}/<c>/")
     if small:
         raise UsageError(f"{len(small)} images (e.g. {small[0]}) are smaller than the {min_size}"
                          "-px local crops: lower --global_crop_size and --local_crop_size")
@@ -748,7 +748,9 @@ def knn_accuracy(backbone, train_items, val_items, args, device, stop=None):
     size, workers = args.global_crop_size, args.num_workers
     memory = extract_features(backbone, train_items, size, device, workers, stop)
     queries = extract_features(backbone, val_items, size, device, workers, stop)
-    return None if stop and agree(stop.requested)[0] else knn_classify(*memory, *queries)
+    if stop and agree(stop.requested)[0]:  # a stop in any process ends the evaluation
+        return None
+    return knn_classify(*memory, *queries)
 
 def make_synthetic_images(root, classes=10, per_class=24, size=48, seed=0, ext=".png"):
     """Toy classes: coloured gratings of their own orientation and frequency, under noise."""
@@ -1040,6 +1042,8 @@ def train(args):
             "CPU; --preset laptop trains a small ViT on 32-px images in about 30 minutes")
     with StopRequest() as stop:
         run = Run(args, device, out, data, loader, sampler, stop, state.it or None)
+        if state.it:  # the age of the checkpoint resumed from
+            run.saved_at = (out / "checkpoint.pth").stat().st_mtime
         try:
             return train_epochs(state, run)
         except Exception as e:  # every fault takes this path (a killed worker raises any kind)
@@ -1051,14 +1055,14 @@ def train(args):
 def fault(e, state, run):
     """A fault while training, as one line: what happened, and what the checkpoint holds."""
     what = ": ".join([type(e).__name__, *str(e).strip().splitlines()[-1:]])
-    then = "the same command resumes"
+    kept, then = "nothing saved yet", "the same command starts again"
+    if run.saved_it is not None:
+        ckpt, age = run.out / "checkpoint.pth", (time.time() - run.saved_at) / 60
+        kept = f"{ckpt} holds iteration {run.saved_it}, saved {age:.0f} min ago"
+        then = "the same command resumes from it"
     if "shared memory" in what:  # the loader workers' batches overflowed /dev/shm
         then = "rerun with --num_workers 0, or with more /dev/shm (docker run --shm-size=8g)"
-    if run.saved_it is None:
-        return Fault(f"{what} (iteration {state.it}); nothing saved yet: {then}")
-    return Fault(f"{what} (iteration {state.it}); {run.out / 'checkpoint.pth'} holds iteration "
-                 f"{run.saved_it}, saved {(time.time() - run.saved_at) / 60:.0f} min ago: {then} "
-                 "from it")
+    return Fault(f"{what} (iteration {state.it}); {kept}: {then}")
 
 def train_epochs(state, run):
     """Epochs from where the checkpoint left off; returns the exit status (130: stopped)."""
