@@ -1133,14 +1133,18 @@ def evaluate(state, run, epoch):
     log(run.out, record)
     return True
 
+def one_batch(dataset, args):
+    """The first batch of epoch 0, as the loader gives it: V tensors (B, 3, h, w)."""
+    items = [dataset[(0, i % len(dataset))] for i in range(args.batch_size_per_gpu)]
+    return default_collate(items)[0]
+
 def benchmark(args):
     """One JSON line: the step's images/s (the loader left out), seconds and peak memory."""
     device, B = setup_device(args.device), args.batch_size_per_gpu
     root = make_synthetic_images(Path(args.output_dir) / "bench_data", 2, 8, (320, 426), ext=".jpg")
     dataset = MultiCropDataset(list_images(Path(root) / "train")[0], multicrop_of(args), 0,
                                not args.augment_on_device)
-    cuda, items = device.type == "cuda", [dataset[(0, i % len(dataset))] for i in range(B)]
-    views = default_collate(items)[0]  # the first batch of epoch 0: V tensors (B, 3, h, w)
+    cuda, views = device.type == "cuda", one_batch(dataset, args)
     views = [v.pin_memory() for v in views] if cuda else views  # as the loader hands them over
     state = build(args, device, iters_per_epoch=100)  # schedules long enough for the timed steps
     for i in range(6):
