@@ -1819,6 +1819,7 @@ def spied_run(tiny_data, tmp_path_factory):
     class Loader(torch.utils.data.DataLoader):  # the workers asked for, loading in-process
         def __init__(self, *args, num_workers=0, **kwargs):
             seen.setdefault("num_workers", []).append(num_workers)
+            seen.setdefault("worker_init_fn", []).append(kwargs.get("worker_init_fn"))
             super().__init__(*args, **{**kwargs, "persistent_workers": False})
 
     with pytest.MonkeyPatch.context() as mp:
@@ -1846,6 +1847,8 @@ def test_the_loop_flags_reach_the_loader_crops_steps_log_and_checkpoints(spied_r
     assert seen["set_num_threads"] == [3]  # --threads
     assert seen["build"] == [(5, CPU)]  # --seed: the initial weights; --device
     assert set(seen["num_workers"]) == {3}  # --num_workers: training and k-NN loaders
+    # every loader's workers, the k-NN's too, leave Ctrl-C and SIGTERM to the main process
+    assert set(seen["worker_init_fn"]) == {dm.ignore_signals}
     crops = seen["random_resized_crop"]  # 2 global + 3 local crops per image, 9 x 12 images
     assert crops == ([(24, (0.5, 0.9))] * 2 + [(8, (0.1, 0.3))] * 3) * 108
     assert set(seen["augment"]) == {(12, (0.2, 0.7))}  # --augment_on_device: batches of 12
