@@ -1518,10 +1518,12 @@ def test_the_default_workers_share_the_nodes_cores_among_its_processes(monkeypat
     assert dm.default_workers() == expected
 
 RANKS_SCRIPT = """
-import os, sys
+import itertools, os, sys, time, types
 import dino_minimal as dm
 mode, argv, rank = sys.argv[1], sys.argv[2:], int(os.environ["RANK"])
-if mode == "fault" and rank == 1:  # rank 1's loader fails at iteration 5
+if mode == "fault" and rank == 1:  # rank 1's loader fails at iteration 5; its clock runs fast
+    clock = itertools.count(time.time(), 1200)  # 20 minutes a reading: a save is due at once
+    dm.time = types.SimpleNamespace(time=lambda: next(clock), perf_counter=time.perf_counter)
     step = dm.train_step
     def failing(state, views, epoch):
         if state.it == 5:
@@ -1534,18 +1536,22 @@ sys.exit(dm.main(argv))
 """
 
 def test_under_torchrun_a_fault_on_any_rank_names_the_checkpoint_that_rank_0_wrote(tmp_path):
-    """2 gloo processes, 3 steps per epoch: rank 1 fails at iteration 5; every error line names
-    the checkpoint of iteration 3, and the rerun resumes from it. A rank that finds another
-    checkpoint than rank 0 (a folder on each node's own disk) is refused."""
+    """2 gloo processes, 3 steps per epoch. Rank 1's clock says a timed save is due at every
+    step, rank 0's never: the decision is shared, so both save after each step, and when rank 1
+    fails in the step after iteration 5, every error line names the checkpoint that rank 0 wrote
+    (iteration 5);
+    the rerun resumes from it. A rank that finds another checkpoint than rank 0 (a folder on
+    each node's own disk) is refused."""
     data = dm.make_synthetic_images(tmp_path / "data", classes=2, per_class=16, size=40, seed=2)
     (tmp_path / "ranks.py").write_text(RANKS_SCRIPT)
     argv = tiny_argv(data, tmp_path / "out", "--batch_size_per_gpu", 4, "--epochs", 3)
     failed = torchrun(["fault", *argv], script=tmp_path / "ranks.py")
     errors = [x for x in failed.stderr.splitlines() if x.startswith("error: ")]
     assert failed.returncode != 0 and errors, failed.stderr[-3000:]
-    assert all("holds iteration 3, saved" in x for x in errors), errors
+    assert load_ckpt(tmp_path / "out")["it"] == 5
+    assert all("holds iteration 5, saved" in x for x in errors), errors
     rerun = torchrun(argv)
-    assert rerun.returncode == 0 and rerun.stdout.count("at iteration 3") == 1, rerun.stderr
+    assert rerun.returncode == 0 and rerun.stdout.count("at iteration 5") == 1, rerun.stderr
     assert load_ckpt(tmp_path / "out")["it"] == 9
     refused = torchrun(["own_disk", *argv], script=tmp_path / "ranks.py")
     assert refused.returncode != 0 and "must be a folder that every node sees" in refused.stderr
