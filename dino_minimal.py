@@ -619,12 +619,12 @@ def list_images(folder, min_size=0, classes=None):
             raise UsageError(f"{folder / name} holds train/: pass --data {folder / name}")
         if name not in classes:
             raise UsageError(f"{folder / name}: a k-NN query class that train/ does not have")
-        found = len(items)
+        found, label = len(items), classes.index(name)
         for path in sorted((folder / name).rglob("*")):
             try:
                 with Image.open(path) as im:  # reads the header only
                     small += [path] if min(im.size) < min_size else []
-                items.append((path, classes.index(name)))
+                items.append((path, label))
             except Image.DecompressionBombError:  # refused here, not mid-run on every rerun
                 raise UsageError(f"{path} is over PIL's pixel limit: shrink it") from None
             except (OSError, ValueError, SyntaxError):
@@ -674,15 +674,16 @@ class MultiCropDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, key):
         """Crops, label, and "" or the unreadable file that the next image replaces."""
-        epoch, index = key
-        path, label = self.items[index]
-        try:
-            img = load_rgb(path)
-        except UsageError:
-            crops, label, _ = self[(epoch, (index + 1) % len(self.items))]
-            return crops, label, str(path)
+        epoch, index, bad = *key, ""
+        while True:  # a loop, not recursion: a long run of bad files must not hit a limit
+            path, label = self.items[index]
+            try:
+                img = load_rgb(path)
+                break
+            except UsageError:
+                bad, index = bad or str(path), (index + 1) % len(self.items)
         rng = torch.Generator().manual_seed(seed_for(self.seed, epoch, index))
-        return self.multicrop(img, rng, self.photometric), label, ""
+        return self.multicrop(img, rng, self.photometric), label, bad
 
 class EpochSampler(torch.utils.data.Sampler):
     """Shuffles per epoch; step s takes images perm[s*B*W : (s+1)*B*W], process r the r-th

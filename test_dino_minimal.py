@@ -46,6 +46,7 @@ settings.load_profile("ci")
 torch.set_num_threads(1)
 SCRIPT = Path(__file__).resolve().parent / "dino_minimal.py"
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
 EPS32 = torch.finfo(torch.float32).eps
 CPU = torch.device("cpu")
 MEAN = torch.tensor(dm.IMAGENET_MEAN).view(3, 1, 1)
@@ -1563,9 +1564,8 @@ def test_under_torchrun_sigterm_to_the_group_stops_every_rank_at_one_step_with_o
     data = dm.make_synthetic_images(tmp_path / "data", classes=2, per_class=16, size=40, seed=2)
     out = tmp_path / "out"
     argv = tiny_argv(data, out, "--batch_size_per_gpu", 4, "--epochs", 30, "--num_workers", 1)
-    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                             "--nproc_per_node=2", str(SCRIPT), *map(str, argv)], env=ENV,
-                            text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    proc = subprocess.Popen([*TORCHRUN, str(SCRIPT), *map(str, argv)], env=ENV, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             start_new_session=True)
     wait_for_step(proc, out, lambda r: r["it"] >= 4)
     os.killpg(proc.pid, signal.SIGTERM)
@@ -1621,8 +1621,7 @@ def test_command_line_smoke_run_end_to_end(tmp_path):
 def torchrun(argv, script=SCRIPT):
     """The command line (or another script that imports dino_minimal) as 2 processes of
     torchrun (gloo on the CPU)."""
-    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                           "--nproc_per_node=2", str(script), *map(str, argv)],
+    return subprocess.run([*TORCHRUN, str(script), *map(str, argv)],
                           env={**ENV, "PYTHONPATH": str(SCRIPT.parent)}, text=True,
                           capture_output=True, timeout=300, check=False)
 
