@@ -29,7 +29,6 @@ is listed once, in README.md; each departure is also named where it is made.
 """
 import argparse
 import copy
-import itertools
 import json
 import math
 import os
@@ -39,7 +38,7 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 from functools import partial
-from itertools import groupby
+from itertools import groupby, product
 from pathlib import Path
 
 import numpy as np
@@ -51,7 +50,6 @@ from PIL import Image
 from torch import nn
 from torch.amp import GradScaler
 from torch.nn.utils.parametrizations import weight_norm
-from torch.utils.data import default_collate
 from torchvision.models.resnet import BasicBlock, Bottleneck
 from torchvision.transforms.functional import pil_to_tensor
 
@@ -615,8 +613,6 @@ def list_images(folder, min_size=0, classes=None):
     names = sorted(d.name for d in folder.iterdir() if d.is_dir())
     classes, items, skipped, small = classes or names, [], 0, []
     for name in names:
-        if (folder / name / "train").is_dir():  # a dataset's own folder inside --data
-            raise UsageError(f"{folder / name} holds train/: pass --data {folder / name}")
         if name not in classes:
             raise UsageError(f"{folder / name}: a k-NN query class that train/ does not have")
         found, label = len(items), classes.index(name)
@@ -641,21 +637,15 @@ def list_images(folder, min_size=0, classes=None):
     return items, classes
 
 def load_splits(args):
-    """DIR/train and DIR/val, or one tree DIR whose every 5th image per class is a k-NN query."""
+    """DIR/train/<class>/* to learn from, DIR/val/<class>/* (if any) as k-NN queries."""
     root = Path(args.data)
-    if not root.is_dir():
-        raise UsageError(f"--data {root} is not a folder: pass a folder of class folders, or "
-                         "add --download")
-    if (root / "train").is_dir():
-        train_items, classes = list_images(root / "train", args.local_crop_size)
-        val = root / "val"
-        val_items = list_images(val, classes=classes)[0] if val.is_dir() else []
-    else:
-        items, classes = list_images(root, args.local_crop_size)
-        train_items, val_items = [], []
-        for _, same_class in groupby(items, key=lambda item: item[1]):
-            for k, item in enumerate(same_class):
-                (val_items if k % 5 == 0 else train_items).append(item)
+    if not (root / "train").is_dir():
+        inner = next(root.glob("*/train"), None)  # a dataset's own folder inside --data
+        hint = f"pass --data {inner.parent}" if inner else "lay it out so, or add --download"
+        raise UsageError(f"--data {root} holds no train/<class>/ folders: {hint}")
+    train_items, classes = list_images(root / "train", args.local_crop_size)
+    val = root / "val"
+    val_items = list_images(val, classes=classes)[0] if val.is_dir() else []
     batch = args.batch_size_per_gpu * world_size()
     if len(train_items) < batch:
         raise UsageError(f"{len(train_items)} training images under {root} but a batch of "
@@ -753,23 +743,22 @@ def knn_accuracy(backbone, train_items, val_items, args, device, stop=None):
         return None
     return knn_classify(*memory, *queries)
 
-def make_synthetic_images(root, classes=10, per_class=24, size=48, seed=0, ext=".png"):
+def make_synthetic_images(root, classes=10, per_class=24, size=48, seed=0):
     """Toy classes: coloured gratings of their own orientation and frequency, under noise."""
     rng = torch.Generator().manual_seed(seed)
-    H, W = (size, size) if isinstance(size, int) else size
-    yy, xx = torch.meshgrid(torch.arange(H), torch.arange(W), indexing="ij")
-    for c, i in itertools.product(range(classes), range(per_class)):
+    yy, xx = torch.meshgrid(torch.arange(size), torch.arange(size), indexing="ij")
+    for c, i in product(range(classes), range(per_class)):
         angle, freq = math.pi * c / classes, 0.15 + 0.05 * (c % 3)
         phase = 2 * math.pi * torch.rand(1, generator=rng).item()
         wave = torch.sin(freq * (xx * math.cos(angle) + yy * math.sin(angle)) + phase)
         color = torch.tensor([c * 0.37 % 1, c * 0.61 % 1, c * 0.13 % 1]).view(3, 1, 1)
-        img = 0.5 + 0.35 * wave * (2 * color - 1) + 0.12 * torch.randn(3, H, W, generator=rng)
-        path = Path(root) / ("val" if i % 4 == 0 else "train") / f"class{c}" / f"{i:03d}{ext}"
+        img = 0.5 + 0.35 * wave * (2 * color - 1) + 0.12 * torch.randn(3, size, size, generator=rng)
+        path = Path(root) / ("val" if i % 4 == 0 else "train") / f"class{c}" / f"{i:03d}.png"
         path.parent.mkdir(parents=True, exist_ok=True)
         # written whole, then renamed: the processes of a --smoke torchrun write side by side
         tmp = path.with_name(f".{path.name}.{os.getpid()}")
         pixels = (img.clamp(0, 1) * 255).byte().permute(1, 2, 0).numpy()
-        Image.fromarray(pixels).save(tmp, format=Image.registered_extensions()[ext])
+        Image.fromarray(pixels).save(tmp, format="PNG")
         os.replace(tmp, path)
     return str(root)
 
@@ -1134,18 +1123,12 @@ def evaluate(state, run, epoch):
     log(run.out, record)
     return True
 
-def one_batch(dataset, args):
-    """The first batch of epoch 0, as the loader gives it: V tensors (B, 3, h, w)."""
-    items = [dataset[(0, i % len(dataset))] for i in range(args.batch_size_per_gpu)]
-    return default_collate(items)[0]
-
 def benchmark(args):
     """One JSON line: the step's images/s (the loader left out), seconds and peak memory."""
-    device, B = setup_device(args.device), args.batch_size_per_gpu
-    root = make_synthetic_images(Path(args.output_dir) / "bench_data", 2, 8, (320, 426), ext=".jpg")
-    dataset = MultiCropDataset(list_images(Path(root) / "train")[0], multicrop_of(args), 0,
-                               not args.augment_on_device)
-    cuda, views = device.type == "cuda", one_batch(dataset, args)
+    device, B, rng = setup_device(args.device), args.batch_size_per_gpu, torch.Generator()
+    img = torch.randint(0, 256, (3, 320, 426), dtype=torch.uint8)  # Imagenette's image size
+    crops = [multicrop_of(args)(img, rng, not args.augment_on_device) for _ in range(B)]
+    cuda, views = device.type == "cuda", [torch.stack(v) for v in zip(*crops)]  # (B, 3, h, w)
     views = [v.pin_memory() for v in views] if cuda else views  # as the loader hands them over
     state = build(args, device, iters_per_epoch=100)  # schedules long enough for the timed steps
     for i in range(6):
@@ -1204,7 +1187,7 @@ def default_workers():
 # Every flag: (name, type, default, why it is that value); names as in the official main_dino.py.
 SWITCHES = ("smoke", "benchmark", "compile")
 FLAGS = [
-    ("data", str, None, "DIR/{train,val}/<class>/*, or DIR/<class>/*: every 5th image a query"),
+    ("data", str, None, "DIR/train/<class>/* to learn from, DIR/val/<class>/* as k-NN queries"),
     ("download", str, None, "first fetch imagenette (the default), cifar10 or fashion_mnist"),
     ("output_dir", str, "./dino_output", "checkpoint.pth, log.jsonl; the same command resumes"),
     ("preset", str, None, "a set of defaults (smoke, laptop); explicit flags still win"),
@@ -1249,7 +1232,6 @@ FLAGS = [
     ("augment_on_device", bool, False, "workers decode and crop; the rest runs on the device"),
     ("compile", bool, False, "torch.compile the networks (a GPU, after minutes of compiling)"),
     ("seed", int, 0, "same seed, same flags: bitwise-equal weights on the CPU"),
-    ("threads", int, None, "torch threads (default: all cores)"),
     ("num_workers", int, default_workers(), "loader processes per process (and for the k-NN)"),
     ("eval_every", int, 10, "epochs between weighted k-NN evaluations (and one at start); 0: none"),
     ("log_every", int, 10, "iterations between log lines"),
@@ -1259,7 +1241,7 @@ CHOICES = {"arch": [*ARCHS, *RESNETS], "preset": list(PRESETS), "precision": [*A
            "optimizer": ["adamw", "sgd"], "download": ["imagenette", "cifar10", "fashion_mnist"]}
 POSITIVE = ("patch_size", "out_dim", "batch_size_per_gpu", "epochs", "global_crop_size",
             "local_crop_size", "teacher_temp", "warmup_teacher_temp", "student_temp", "log_every",
-            "head_hidden_dim", "bottleneck_dim", "embed_dim", "depth", "num_heads", "threads")
+            "head_hidden_dim", "bottleneck_dim", "embed_dim", "depth", "num_heads")
 
 def yes_no(text):
     return text.lower() in ("1", "true", "yes")
@@ -1330,13 +1312,11 @@ def claim(folder):
 def main(argv=None):
     try:
         args = parse_args(argv)
-        if args.threads:
-            torch.set_num_threads(args.threads)
         with claim(args.output_dir):
-            if args.smoke and args.data is None:
-                args.data = make_synthetic_images(Path(args.output_dir) / "smoke_data")
             if args.benchmark:
                 return benchmark(args) and 0
+            if args.smoke and args.data is None:
+                args.data = make_synthetic_images(Path(args.output_dir) / "smoke_data")
             if args.data is None:
                 raise UsageError("pass --data DIR (or --smoke to try the loop on generated images)")
             if args.download and "RANK" in os.environ:  # every process would write the folder

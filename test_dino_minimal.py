@@ -665,7 +665,7 @@ def tiny_argv(data, out, *extra, preset=("--preset", "smoke")):
     per step."""
     return [*preset, "--data", str(data), "--output_dir", str(out), "--batch_size_per_gpu", "8",
             "--epochs", "1", "--eval_every", "0", "--log_every", "1", "--num_workers", "0",
-            "--threads", "1", "--precision", "fp32", *map(str, extra)]
+            "--precision", "fp32", *map(str, extra)]
 
 def caller_handler(signum, frame):
     pass
@@ -874,19 +874,6 @@ class FakeDataset:
     def __iter__(self):
         return iter(self.items)
 
-def test_one_tree_holds_out_every_fifth_image_of_each_class(tmp_path):
-    """DIR/<class>/*: the 1st, 6th, ... image of each class is a k-NN query, the rest train."""
-    for name, count in (("a", 7), ("b", 3)):
-        (tmp_path / name).mkdir()
-        for i in range(count):
-            Image.new("RGB", (20, 20)).save(tmp_path / name / f"{i}.png")
-    args = dm.parse_args(["--data", str(tmp_path), "--batch_size_per_gpu", "2",
-                          "--global_crop_size", "16", "--local_crop_size", "16"])
-    train, val, classes = dm.load_splits(args)
-    assert classes == ["a", "b"] and len(train) == 7
-    assert [(p.parent.name, p.name) for p, _ in val] == [("a", "0.png"), ("a", "5.png"),
-                                                         ("b", "0.png")]
-
 def test_download_writes_capped_class_folders_of_lossless_pngs(tmp_path, monkeypatch):
     """root/train/<class>/0000.png.. the first 1000 images of each class, root/val/<class>/ the
     first 200, equal to the originals; a class name is cut at "/"; a rerun fetches nothing."""
@@ -1066,8 +1053,7 @@ def test_a_bf16_step_follows_the_fp32_step(tiny_data):
 def test_benchmark_prints_one_json_line(tmp_path):
     """--benchmark: one JSON line, the device, the resolved precision, and positive finite
     images/s (the batch over the step's seconds), seconds per step and peak memory."""
-    rc, out, err = run_cli(["--smoke", "--benchmark", "--output_dir", tmp_path, "--threads", "1"],
-                           timeout=300)
+    rc, out, err = run_cli(["--smoke", "--benchmark", "--output_dir", tmp_path], timeout=300)
     assert rc == 0 and err == "", err[-2000:]
     r = json.loads(out.strip().splitlines()[-1])  # after the notes that any run prints
     assert r.keys() == {"device", "precision", "train_img_per_s", "step_s", "peak_mem_mb"}
@@ -1371,24 +1357,24 @@ def test_a_checkpoint_of_another_number_of_processes_resumes_only_at_the_same_gl
     assert "resumed from" in run_main(tiny_argv(tiny_data, out, "--epochs", 3))  # 1 x 8
 
 def test_bad_data_or_output_dir_is_one_error_line(tiny_data, tmp_path):
-    """--data missing, a file, not given; class folders without images; images without class
-    folders; images smaller than the crops; fewer images than a batch; an --output_dir that
-    cannot be created (below a regular file: root ignores chmod), with --data or --smoke."""
+    """--data missing, a file, not given; class folders without images; class folders without
+    train/ above them; images smaller than the crops; fewer images than a batch; an --output_dir
+    that cannot be created (below a regular file: root ignores chmod), with --data or --smoke."""
     (tmp_path / "file").write_text("x")
     for data in ([], ["--data", tiny_data]):
-        argv = ["--smoke", "--output_dir", tmp_path / "file" / "out", "--threads", "1", *data]
+        argv = ["--smoke", "--output_dir", tmp_path / "file" / "out", *data]
         assert "output_dir" in expect_one_error_line(argv)
     for data in (tmp_path / "nope", tmp_path / "file"):
         assert str(data) in expect_one_error_line(["--data", data, "--output_dir", tmp_path / "o"])
     assert "--data" in expect_one_error_line(["--output_dir", tmp_path / "o"])
-    (tmp_path / "empty" / "cat").mkdir(parents=True)
-    (tmp_path / "empty" / "cat" / "readme.txt").write_text("no images here")
-    (tmp_path / "flat").mkdir()
-    Image.new("RGB", (40, 40)).save(tmp_path / "flat" / "a.png")
+    (tmp_path / "empty" / "train" / "cat").mkdir(parents=True)
+    (tmp_path / "empty" / "train" / "cat" / "readme.txt").write_text("no images here")
+    (tmp_path / "flat" / "cat").mkdir(parents=True)  # class folders, but no train/ above them
+    Image.new("RGB", (40, 40)).save(tmp_path / "flat" / "cat" / "a.png")
     small = dm.make_synthetic_images(tmp_path / "small", classes=2, per_class=4, size=12)
     few = dm.make_synthetic_images(tmp_path / "few", classes=2, per_class=4, size=40)
-    for data, says in ((tmp_path / "empty", str(tmp_path / "empty")),
-                       (tmp_path / "flat", "class folders"), (small, "smaller than"),
+    for data, says in ((tmp_path / "empty", f"{tmp_path / 'empty' / 'train' / 'cat'} holds no"),
+                       (tmp_path / "flat", "holds no train/<class>/"), (small, "smaller than"),
                        (few, "batch")):
         assert says in expect_one_error_line(tiny_argv(data, tmp_path / "o"))
 
@@ -1580,7 +1566,7 @@ IMPOSSIBLE_FLAGS = [
     "--embed_dim 65", "--epochs 0", "--batch_size_per_gpu 0", "--batch_size_per_gpu -4",
     "--local_crops_number -1", "--num_workers -1", "--log_every 0", "--out_dim 0", "--depth 0",
     "--warmup_epochs -1", "--epochs 1 --warmup_epochs 2", "--warmup_teacher_temp_epochs -1",
-    "--threads -1", "--teacher_temp 0", "--teacher_temp -0.04",
+    "--teacher_temp 0", "--teacher_temp -0.04",
     "--warmup_teacher_temp 0", "--student_temp 0", "--global_crops_scale 0 1",
     "--local_crops_scale 0.05 1.5", "--global_crops_scale 0.8 0.4", "--momentum_teacher 1.5",
     "--momentum_teacher_end 1.01", "--center_momentum -0.1", "--drop_path_rate 1.5",
@@ -1597,7 +1583,7 @@ def test_command_line_smoke_run_end_to_end(tmp_path):
     """The file's first command: it trains in the resolved precision, logs the loss, collapse
     diagnostics and k-NN (well above chance), and saves loadable weights."""
     out = tmp_path / "smoke"
-    rc, stdout, stderr = run_cli(["--smoke", "--output_dir", out, "--threads", "1"], timeout=300)
+    rc, stdout, stderr = run_cli(["--smoke", "--output_dir", out], timeout=300)
     assert rc == 0 and stderr == "", stderr
     with contextlib.redirect_stdout(io.StringIO()):
         assert f"in {REAL_RESOLVE_PRECISION('auto', CPU)}" in stdout
@@ -1828,7 +1814,6 @@ def spied_run(tiny_data, tmp_path_factory):
             super().__init__(*args, **{**kwargs, "persistent_workers": False})
 
     with pytest.MonkeyPatch.context() as mp:
-        spy(torch, "set_num_threads", lambda real, n: n, call=False)
         spy(dm, "build", lambda real, args, device, *_, **__: (torch.initial_seed(), device))
         spy(dm, "random_resized_crop", lambda real, img, size, scale, *_: (size, scale))
         spy(dm, "augment", lambda real, views, blur_sigma, rng: (len(views[0]), blur_sigma))
@@ -1840,7 +1825,7 @@ def spied_run(tiny_data, tmp_path_factory):
         mp.setattr(torch.utils.data, "DataLoader", Loader)
         run_main(tiny_argv(
             tiny_data, out, "--epochs", 3, "--batch_size_per_gpu", 12, "--eval_every", 2,
-            "--log_every", 2, "--num_workers", 3, "--seed", 5, "--threads", 3, "--device", "cpu",
+            "--log_every", 2, "--num_workers", 3, "--seed", 5, "--device", "cpu",
             "--augment_on_device", "yes", "--save_every_minutes", 1e-6, "--drop_path_rate", 0.2,
             "--global_crop_size", 24, "--local_crop_size", 8, "--local_crops_number", 3,
             "--global_crops_scale", 0.5, 0.9, "--local_crops_scale", 0.1, 0.3,
@@ -1849,7 +1834,6 @@ def spied_run(tiny_data, tmp_path_factory):
 
 def test_the_loop_flags_reach_the_loader_crops_steps_log_and_checkpoints(spied_run):
     seen, out = spied_run
-    assert seen["set_num_threads"] == [3]  # --threads
     assert seen["build"] == [(5, CPU)]  # --seed: the initial weights; --device
     assert set(seen["num_workers"]) == {3}  # --num_workers: training and k-NN loaders
     # every loader's workers, the k-NN's too, leave Ctrl-C and SIGTERM to the main process
