@@ -894,12 +894,11 @@ def bare(model):
 # ----------------------------------------------------------------------------------------------
 ARCH_FLAGS = ("arch", "optimizer", "patch_size", "embed_dim", "depth", "num_heads", "out_dim",
               "head_hidden_dim", "bottleneck_dim", "norm_last_layer", "use_bn_in_head")
-CHECKPOINT_KEYS = {"student", "teacher", "optimizer", "scaler", "dino_loss", "it", "args"}
+STATES = ("student", "teacher", "optimizer", "scaler", "dino_loss")  # each saved as its state_dict
 
 def save_checkpoint(state, args, path):
     """A temporary file flushed to the disk, then renamed: path is always one whole checkpoint."""
-    ckpt = {k: getattr(state, k).state_dict() for k in ("optimizer", "scaler", "dino_loss")}
-    ckpt |= {name: bare(getattr(state, name)).state_dict() for name in ("student", "teacher")}
+    ckpt = {name: bare(getattr(state, name)).state_dict() for name in STATES}
     ckpt |= {"it": state.it, "world_size": world_size(),
              "args": {**vars(args), "data": str(Path(args.data).resolve())}}
     tmp = path.with_suffix(".tmp")
@@ -922,7 +921,7 @@ def resume(state, args, path):
     if path.exists():
         try:
             ckpt = torch.load(path, map_location="cpu", weights_only=True)
-            it = ckpt["it"] if CHECKPOINT_KEYS <= ckpt.keys() else None
+            it = ckpt["it"] if {*STATES, "it", "args"} <= ckpt.keys() else None
         except Exception:  # cut short, empty, not a checkpoint
             it = None
         if it is None:
@@ -932,20 +931,17 @@ def resume(state, args, path):
                          f"{args.output_dir} must be a folder that every node sees")
     if not ckpt:
         return
-    ckpt["args"].setdefault("optimizer", "adamw")  # checkpoints from before --optimizer
-    theirs = {k: ckpt["args"].get(k) for k in ARCH_FLAGS}
-    flags = " ".join(f"--{k} {v}" for k, v in theirs.items() if v != getattr(args, k))
-    if flags:
-        raise UsageError(f"{path} holds another model ({flags}): pass those flags or another "
-                         "--output_dir")
+    theirs = {"optimizer": "adamw", **ckpt["args"]}  # adamw: saved before --optimizer existed
+    diff = [f"--{k} {theirs.get(k)}" for k in ARCH_FLAGS if theirs.get(k) != getattr(args, k)]
     # the schedules are indexed by iteration: another global batch would change their meaning
-    processes = ckpt.get("world_size", 1)  # absent from checkpoints of one process before it
-    saved, batch = ckpt["args"]["batch_size_per_gpu"] * processes, args.batch_size_per_gpu
-    if saved != batch * world_size():
-        raise UsageError(f"{path} was trained with a global batch of {saved} ({processes} "
-                         f"processes), this run has {batch * world_size()}: match them, or "
-                         "pass another --output_dir")
-    for name in ("student", "teacher", "optimizer", "dino_loss", "scaler"):
+    processes = ckpt.get("world_size", 1)
+    saved, batch = theirs["batch_size_per_gpu"] * processes, args.batch_size_per_gpu * world_size()
+    if saved != batch:
+        diff.append(f"a global batch of {saved} ({processes} processes), this run has {batch}")
+    if diff:
+        raise UsageError(f"{path} was trained with {' and '.join(diff)}: pass the same, or "
+                         "another --output_dir")
+    for name in STATES:
         if ckpt[name]:  # the scaler's is empty unless fp16: another --precision is fine
             bare(getattr(state, name)).load_state_dict(ckpt[name])
     state.it = ckpt["it"]
@@ -1297,16 +1293,15 @@ def claim(folder):
     try:
         Path(folder).mkdir(parents=True, exist_ok=True)
         lock = os.fdopen(os.open(Path(folder) / "lock", os.O_CREAT | os.O_WRONLY), "w")
+        if os.environ.get("RANK", "0") == "0" and os.name == "posix":
+            import fcntl
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)  # released when the file closes
+    except BlockingIOError:
+        raise UsageError(f"another run is using --output_dir {folder}: wait for it to end, "
+                         "or pass another folder") from None
     except OSError as e:
         raise UsageError(f"cannot write to --output_dir {folder} ({e.strerror}): pick another "
                          "folder") from None
-    if os.environ.get("RANK", "0") == "0" and os.name == "posix":
-        import fcntl
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)  # released when the file closes
-        except BlockingIOError:
-            raise UsageError(f"another run is using --output_dir {folder}: wait for it to end, "
-                             "or pass another folder") from None
     return lock
 
 def main(argv=None):
@@ -1323,17 +1318,12 @@ def main(argv=None):
                 raise UsageError("--download under torchrun: download first in one process")
             args.data = download(args.download, args.data) if args.download else args.data
             return train(args)
-    except UsageError as e:  # from a loader worker the message ends "...UsageError: <message>"
-        message = str(e).strip().splitlines()[-1].split("UsageError: ")[-1]
-        print(f"error: {message}", file=sys.stderr)
+    except UsageError as e:
+        print(f"error: {e}", file=sys.stderr)
         return e.status
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
 
 if __name__ == "__main__":
-    code = main()
-    if code:  # after an error or a stop, do not wait on loader workers: they follow their parent
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(code)
+    sys.exit(main())

@@ -1332,7 +1332,7 @@ def test_a_checkpoint_holds_its_data_by_absolute_path_and_refuses_another_model(
     monkeypatch.chdir(Path(tiny_data).parent)
     run_main(tiny_argv(Path(tiny_data).name, tmp_path / "out"))
     assert load_ckpt(tmp_path / "out")["args"]["data"] == str(Path(tiny_data).resolve())
-    for flags, says in ((("--embed_dim", 32), "--embed_dim 64"),
+    for flags, says in ((("--embed_dim", 32), "was trained with --embed_dim 64"),
                         (("--batch_size_per_gpu", 4), "global batch of 8")):
         assert says in expect_one_error_line(tiny_argv(tiny_data, tmp_path / "out", *flags))
 
