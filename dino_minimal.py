@@ -708,7 +708,8 @@ def eval_batch(batch):
 
 @torch.no_grad()
 def extract_features(backbone, items, size, device, workers=0, stop=None):
-    """(n, D) fp32 backbone(eval_view(image)) and (n,) labels of the items; process r takes r::W."""
+    """(n, D) fp32 backbone(eval_view(image)) and (n,) labels of the items; process r takes r::W.
+    The pass ends early once stop.requested (a Run's)."""
     share = [(path, label, size) for path, label in items[rank()::world_size()]]
     share = share or [(items[0][0], -1, size)]  # fewer items than processes: gather cuts it off
     loader = torch.utils.data.DataLoader(share, batch_size=256, num_workers=workers,
@@ -956,23 +957,6 @@ def log(out, record, shown=None):
     shown = {k: f"{v:.4g}" if isinstance(v, float) else v for k, v in (shown or record).items()}
     print("  ".join(f"{k} {v}" for k, v in shown.items() if k != "type"), flush=True)
 
-class StopRequest:
-    """Ctrl-C or SIGTERM: finish the step, save, exit. A second Ctrl-C interrupts at once."""
-
-    def __enter__(self):
-        self.requested = False
-        self.previous = {s: signal.signal(s, self.handle) for s in (signal.SIGINT, signal.SIGTERM)}
-        return self
-
-    def __exit__(self, *exc):
-        for sig, handler in self.previous.items():  # give the caller its handlers back
-            signal.signal(sig, handler)
-
-    def handle(self, signum, frame):
-        if self.requested and signum == signal.SIGINT:
-            raise KeyboardInterrupt
-        self.requested = True
-
 def ignore_signals(_worker_id):
     """Loader workers leave Ctrl-C and SIGTERM to the main process, which saves, then ends them."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -986,19 +970,39 @@ def to_device(views, args, device, it):
     rng = torch.Generator().manual_seed(seed_for(args.seed, it, rank()))
     return augment(views, args.blur_sigma, rng)
 
-@dataclass
 class Run:
-    """What the loop needs besides the TrainState: the data, where to write, when to stop."""
-    args: argparse.Namespace
-    device: torch.device
-    out: Path  # --output_dir: checkpoint.pth, log.jsonl
-    data: tuple  # training items, k-NN query items, class names
-    loader: torch.utils.data.DataLoader
-    sampler: EpochSampler
-    stop: StopRequest
-    saved_it: int = None  # the iteration in checkpoint.pth, the same in every process
-    saved_at: float = field(default_factory=time.time)  # when it was written
-    skipped: set = field(default_factory=set)  # files that could not be read
+    """What the loop needs besides the TrainState: the data, where to write, when to stop.
+    Inside `with run:` Ctrl-C or SIGTERM requests a stop: the step in flight finishes, the run
+    saves and ends. A second Ctrl-C interrupts at once."""
+
+    def __init__(self, args, device):
+        self.args, self.device, self.out = args, device, Path(args.output_dir)
+        self.data = load_splits(args)  # training items, k-NN query items, class names
+        self.sampler = EpochSampler(len(self.data[0]), args.batch_size_per_gpu, rank(),
+                                    world_size(), args.seed)
+        dataset = MultiCropDataset(self.data[0], multicrop_of(args), args.seed,
+                                   not args.augment_on_device)
+        self.loader = torch.utils.data.DataLoader(
+            dataset, args.batch_size_per_gpu, sampler=self.sampler, num_workers=args.num_workers,
+            pin_memory=device.type == "cuda", persistent_workers=args.num_workers > 0,
+            worker_init_fn=ignore_signals)
+        self.saved_it, self.saved_at = None, time.time()  # checkpoint.pth's iteration, and when
+        self.skipped, self.requested = set(), False  # unreadable files named; a stop asked for
+
+    def __enter__(self):
+        self.previous = {s: signal.signal(s, self.handle) for s in (signal.SIGINT, signal.SIGTERM)}
+        return self
+
+    def __exit__(self, *exc):
+        for sig, handler in self.previous.items():  # give the caller its handlers back
+            signal.signal(sig, handler)
+        if getattr(self.loader, "_iterator", None) is not None:  # the workers ignore SIGTERM:
+            self.loader._iterator._shutdown_workers()  # end them through their queues
+
+    def handle(self, signum, frame):
+        if self.requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.requested = True
 
     def save(self, state):
         if rank() == 0:
@@ -1008,35 +1012,26 @@ class Run:
         self.saved_it, self.saved_at = state.it, time.time()
 
 def train(args):
-    device, out = setup_device(args.device), Path(args.output_dir)
-    data = load_splits(args)
-    sampler = EpochSampler(len(data[0]), args.batch_size_per_gpu, rank(), world_size(), args.seed)
-    dataset = MultiCropDataset(data[0], multicrop_of(args), args.seed, not args.augment_on_device)
-    loader = torch.utils.data.DataLoader(
-        dataset, args.batch_size_per_gpu, sampler=sampler, num_workers=args.num_workers,
-        pin_memory=device.type == "cuda", persistent_workers=args.num_workers > 0,
-        worker_init_fn=ignore_signals)
+    device = setup_device(args.device)
+    run = Run(args, device)
     torch.manual_seed(args.seed)  # the initial weights
-    state = build(args, device, sampler.steps)
-    resume(state, args, out / "checkpoint.pth")
-    say(f"{len(data[0])} training / {len(data[1])} k-NN query images, {len(data[2])} classes; "
-        f"views 2 x {args.global_crop_size} px + {args.local_crops_number} x "
-        f"{args.local_crop_size} px; {sampler.steps} iterations per epoch on {world_size()} x "
+    state = build(args, device, run.sampler.steps)
+    resume(state, args, run.out / "checkpoint.pth")
+    if state.it:  # the checkpoint resumed from, and its age
+        run.saved_it, run.saved_at = state.it, (run.out / "checkpoint.pth").stat().st_mtime
+    (train_items, val_items, classes), steps = run.data, run.sampler.steps
+    say(f"{len(train_items)} training / {len(val_items)} k-NN query images, {len(classes)} "
+        f"classes; views 2 x {args.global_crop_size} px + {args.local_crops_number} x "
+        f"{args.local_crop_size} px; {steps} iterations per epoch on {world_size()} x "
         f"{device} in {args.precision}")
     if device.type == "cpu" and not (args.preset or args.smoke):
         say("note: without --preset the defaults are the paper's recipe for 16 GPUs, days on a "
             "CPU; --preset laptop trains a small ViT on 32-px images in about 30 minutes")
-    with StopRequest() as stop:
-        run = Run(args, device, out, data, loader, sampler, stop, state.it or None)
-        if state.it:  # the age of the checkpoint resumed from
-            run.saved_at = (out / "checkpoint.pth").stat().st_mtime
+    with run:
         try:
             return train_epochs(state, run)
         except Exception as e:  # every fault takes this path (a killed worker raises any kind)
             raise fault(e, state, run) from None
-        finally:  # the workers ignore SIGTERM (ignore_signals): end them through their queues
-            if getattr(loader, "_iterator", None) is not None:
-                loader._iterator._shutdown_workers()
 
 def fault(e, state, run):
     """A fault while training, as one line: what happened, and what the checkpoint holds."""
@@ -1089,7 +1084,7 @@ def train_one_epoch(state, run, epoch):
             log_step(state, run, epoch, loss, teacher_probs, teacher_feats,
                      seconds_per_step=(time.perf_counter() - t0) / steps, steps_left=left)
         due = 0 < args.save_every_minutes < (time.time() - run.saved_at) / 60
-        stop, due = agree(run.stop.requested, due)  # every process decides the same
+        stop, due = agree(run.requested, due)  # every process decides the same
         if stop:
             return False
         if due:
@@ -1113,7 +1108,7 @@ def evaluate(state, run, epoch):
     record = {"type": "knn", "epoch": epoch, "it": state.it}
     for net, key in ((state.teacher, "knn_top1"), (state.student, "knn_top1_student")):
         backbone = copy.deepcopy(bare(net).backbone).eval()  # eval(): no drop-path
-        record[key] = knn_accuracy(backbone, *run.data[:2], run.args, run.device, run.stop)
+        record[key] = knn_accuracy(backbone, *run.data[:2], run.args, run.device, run)
         if record[key] is None:
             return False
     log(run.out, record)
