@@ -641,8 +641,8 @@ def load_splits(args):
     root = Path(args.data)
     if not (root / "train").is_dir():
         inner = next(root.glob("*/train"), None)  # a dataset's own folder inside --data
-        hint = f"pass --data {inner.parent}" if inner else "lay it out so, or add --download"
-        raise UsageError(f"--data {root} holds no train/<class>/ folders: {hint}")
+        fix = f"pass --data {inner.parent}" if inner else "put the images there, or add --download"
+        raise UsageError(f"--data {root} holds no train/<class>/ folders: {fix}")
     train_items, classes = list_images(root / "train", args.local_crop_size)
     val = root / "val"
     val_items = list_images(val, classes=classes)[0] if val.is_dir() else []
