@@ -1070,8 +1070,8 @@ def train_one_epoch(state, run, epoch):
     """Returns False when a stop was requested (the step in flight is finished first)."""
     args, sampler = run.args, run.sampler
     sampler.epoch, sampler.start_step = epoch, state.it - epoch * sampler.steps
-    steps, t0, left = 0, time.perf_counter(), args.epochs * sampler.steps - state.it
-    for views, _, bad in run.loader:
+    t0 = time.perf_counter()
+    for steps, (views, _, bad) in enumerate(run.loader, 1):
         for path in set(bad) - run.skipped - {""}:  # named once, replaced by another image
             log(run.out, {"type": "skipped", "it": state.it, "file": path},
                 {"skipped": f"{path}: cannot read it, replaced by another image"})
@@ -1079,10 +1079,9 @@ def train_one_epoch(state, run, epoch):
         views = to_device(views, args, run.device, state.it)
         torch.manual_seed(seed_for(args.seed, state.it))  # drop-path: a function of the step
         loss, teacher_probs, teacher_feats = train_step(state, views, epoch)
-        steps, left = steps + 1, left - 1
         if state.it % args.log_every == 0 or state.it == (epoch + 1) * sampler.steps:
             log_step(state, run, epoch, loss, teacher_probs, teacher_feats,
-                     seconds_per_step=(time.perf_counter() - t0) / steps, steps_left=left)
+                     seconds_per_step=(time.perf_counter() - t0) / steps)
         due = 0 < args.save_every_minutes < (time.time() - run.saved_at) / 60
         stop, due = agree(run.requested, due)  # every process decides the same
         if stop:
@@ -1091,9 +1090,10 @@ def train_one_epoch(state, run, epoch):
             run.save(state)
     return True
 
-def log_step(state, run, epoch, loss, teacher_probs, teacher_feats, seconds_per_step, steps_left):
+def log_step(state, run, epoch, loss, teacher_probs, teacher_feats, seconds_per_step):
     """Loss, collapse diagnostics, schedules; shown with the epoch as e/E and the time left."""
     s, it, B = state.schedules, state.it - 1, run.args.batch_size_per_gpu * world_size()
+    steps_left = run.args.epochs * run.sampler.steps - state.it
     record = {"type": "step", "epoch": epoch, "it": state.it, "loss": loss.item(),
               **collapse_metrics(loss, teacher_probs, teacher_feats),
               "lr": s.lr[it], "wd": s.wd[it], "momentum": s.momentum[it],
