@@ -927,7 +927,7 @@ def resume(state, args, path):
             it = None
         if it is None:
             raise UsageError(f"{path} is damaged or incomplete: move it away to start again")
-    if agree(it, -it) != [it, -it]:
+    if agree(it, -it) != [it, -it]:  # the max and the min over the processes differ
         raise UsageError(f"the processes found different checkpoints: --output_dir "
                          f"{args.output_dir} must be a folder that every node sees")
     if not ckpt:
@@ -977,6 +977,7 @@ class Run:
 
     def __init__(self, args, device):
         self.args, self.device, self.out = args, device, Path(args.output_dir)
+        self.ckpt = self.out / "checkpoint.pth"  # the one checkpoint, rewritten in place
         self.data = load_splits(args)  # training items, k-NN query items, class names
         self.sampler = EpochSampler(len(self.data[0]), args.batch_size_per_gpu, rank(),
                                     world_size(), args.seed)
@@ -1006,7 +1007,7 @@ class Run:
 
     def save(self, state):
         if rank() == 0:
-            save_checkpoint(state, self.args, self.out / "checkpoint.pth")
+            save_checkpoint(state, self.args, self.ckpt)
         if dist.is_initialized():  # the others learn of the save once it is on the disk
             dist.barrier()
         self.saved_it, self.saved_at = state.it, time.time()
@@ -1016,9 +1017,9 @@ def train(args):
     run = Run(args, device)
     torch.manual_seed(args.seed)  # the initial weights
     state = build(args, device, run.sampler.steps)
-    resume(state, args, run.out / "checkpoint.pth")
+    resume(state, args, run.ckpt)
     if state.it:  # the checkpoint resumed from, and its age
-        run.saved_it, run.saved_at = state.it, (run.out / "checkpoint.pth").stat().st_mtime
+        run.saved_it, run.saved_at = state.it, run.ckpt.stat().st_mtime
     (train_items, val_items, classes), steps = run.data, run.sampler.steps
     say(f"{len(train_items)} training / {len(val_items)} k-NN query images, {len(classes)} "
         f"classes; views 2 x {args.global_crop_size} px + {args.local_crops_number} x "
@@ -1038,8 +1039,8 @@ def fault(e, state, run):
     what = ": ".join([type(e).__name__, *str(e).strip().splitlines()[-1:]])
     kept, then = "nothing saved yet", "the same command starts again"
     if run.saved_it is not None:
-        ckpt, age = run.out / "checkpoint.pth", (time.time() - run.saved_at) / 60
-        kept = f"{ckpt} holds iteration {run.saved_it}, saved {age:.0f} min ago"
+        age = (time.time() - run.saved_at) / 60
+        kept = f"{run.ckpt} holds iteration {run.saved_it}, saved {age:.0f} min ago"
         then = "the same command resumes from it"
     if "shared memory" in what:  # the loader workers' batches overflowed /dev/shm
         then = "rerun with --num_workers 0, or with more /dev/shm (docker run --shm-size=8g)"
@@ -1058,7 +1059,7 @@ def train_epochs(state, run):
             finished = evaluate(state, run, epoch)
     if not finished:
         held = "saved" if run.saved_it == state.it else "nothing saved in"
-        say(f"stopped at iteration {state.it}: {held} {run.out / 'checkpoint.pth'}; the same "
+        say(f"stopped at iteration {state.it}: {held} {run.ckpt}; the same "
             "command resumes")
         return 130
     if rank() == 0:

@@ -1485,7 +1485,7 @@ def test_a_stop_during_the_knn_ends_it_early_with_the_checkpoint_of_the_epoch(ti
 def test_the_fault_line_for_shared_memory_gives_remedies_not_a_rerun():
     """A loader worker out of /dev/shm: the line names --num_workers 0 and a larger shm, and
     does not promise that the same command resumes (it would fail again)."""
-    run = types.SimpleNamespace(out=Path("out"), saved_it=12, saved_at=time.time())
+    run = types.SimpleNamespace(ckpt=Path("out/checkpoint.pth"), saved_it=12, saved_at=time.time())
     bus = RuntimeError("DataLoader worker (pid 9) is killed by signal: Bus error. It is possible "
                        "that dataloader's workers are out of shared memory. Please try to raise "
                        "your shared memory limit.")
