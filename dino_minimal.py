@@ -563,7 +563,7 @@ def knn_classify(train_f, train_y, test_f, test_y, k=20, T=0.07, chunk=256):
 # ==============================================================================================
 
 # ----------------------------------------------------------------------------------------------
-# 8. Data: class-per-folder trees checked before any work, keyed randomness, downloads
+# 8. Data: image folders (classes optional) checked before any work, keyed randomness, downloads
 # ----------------------------------------------------------------------------------------------
 class UsageError(Exception):
     """Bad input from the user: main() prints it as one line and exits with status 2."""
@@ -609,43 +609,53 @@ def load_rgb(path):
         raise UsageError(f"cannot read {path} ({e}): delete or replace it, then rerun") from None
 
 def list_images(folder, min_size=0, classes=None):
-    """(path, label) for each image of folder/<class>/..., labels indexing `classes` (train's)."""
-    names = sorted(d.name for d in folder.iterdir() if d.is_dir())
-    classes, items, skipped, small = classes or names, [], 0, []
-    for name in names:
-        if name not in classes:
-            raise UsageError(f"{folder / name}: a k-NN query class that train/ does not have")
-        found, label = len(items), classes.index(name)
-        for path in sorted((folder / name).rglob("*")):
-            try:
-                with Image.open(path) as im:  # reads the header only
-                    small += [path] if min(im.size) < min_size else []
-                items.append((path, label))
-            except Image.DecompressionBombError:  # refused here, not mid-run on every rerun
-                raise UsageError(f"{path} is over PIL's pixel limit: shrink it") from None
-            except (OSError, ValueError, SyntaxError):
-                skipped += path.is_file()
-        if len(items) == found:
-            raise UsageError(f"{folder / name} holds no images: remove it or fill it")
-    if len(classes) < 2:  # a k-NN query's classes are train's, which has checked this
-        raise UsageError(f"{folder} holds {len(names)} class folders: 2 at least, as {folder}/<c>/")
+    """(path, label) of every image under folder, at any depth, and the class names: `classes`
+    if given (val/ takes train's), else its folders if 2 or more hold every image, else none
+    (unlabelled: every label 0)."""
+    items, skipped, small = [], 0, []
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        try:
+            with Image.open(path) as im:  # reads the header only
+                small += [path] if min(im.size) < min_size else []
+            items.append((path, path.relative_to(folder).parts[0]))  # its top folder, or name
+        except Image.DecompressionBombError:  # refused here, not mid-run on every rerun
+            raise UsageError(f"{path} is over PIL's pixel limit: shrink it") from None
+        except PermissionError as e:  # perhaps an image: not a file to skip in silence
+            raise UsageError(f"cannot read {path} ({e.strerror}): fix or remove it") from None
+        except (OSError, ValueError, SyntaxError):
+            skipped += 1
+    folders, tops = sorted(d.name for d in folder.iterdir() if d.is_dir()), {t for _, t in items}
+    missing = [name for name in folders if name not in tops]
+    if missing or not items:
+        raise UsageError(f"{folder.joinpath(*missing[:1])} holds no images: remove or fill it")
     if small:
         raise UsageError(f"{len(small)} images (e.g. {small[0]}) are smaller than the {min_size}"
                          "-px local crops: lower --global_crop_size and --local_crop_size")
     if skipped:
-        say(f"skipped {skipped} files that are not images")
-    return items, classes
+        say(f"skipped {skipped} files under {folder} that are not images")
+    if classes is None:  # train/: labelled when 2 or more folders hold every image
+        classes = folders if len(folders) >= 2 and tops <= set(folders) else []
+    if classes and not tops <= set(classes):
+        stray = folder / min(tops - set(classes))
+        raise UsageError(f"{stray}: a k-NN query class that train/ does not have")
+    index = {name: i for i, name in enumerate(classes)}  # one lookup per class, not per image
+    return [(path, index.get(top, 0)) for path, top in items], classes
 
 def load_splits(args):
-    """DIR/train/<class>/* to learn from, DIR/val/<class>/* (if any) as k-NN queries."""
+    """DIR/train/**/* to learn from; DIR/val/<class>/* as k-NN queries if train/ has classes."""
     root = Path(args.data)
     if not (root / "train").is_dir():
         inner = next(root.glob("*/train"), None)  # a dataset's own folder inside --data
         fix = f"pass --data {inner.parent}" if inner else "put the images there, or add --download"
-        raise UsageError(f"--data {root} holds no train/<class>/ folders: {fix}")
+        raise UsageError(f"--data {root} holds no train/ folder: {fix}")
     train_items, classes = list_images(root / "train", args.local_crop_size)
-    val = root / "val"
-    val_items = list_images(val, classes=classes)[0] if val.is_dir() else []
+    val, val_items = root / "val", []
+    if classes and val.is_dir():
+        val_items = list_images(val, classes=classes)[0]
+    elif args.eval_every:  # DINO needs no labels; only its evaluation does
+        why = f"no {val}" if classes else f"{root / 'train'} is not split into 2+ class folders"
+        say(f"no k-NN: {why} (train/<class>/ and val/<class>/ turn it on); the collapse "
+            "diagnostics tell whether it learns (README: Troubleshooting)")
     batch = args.batch_size_per_gpu * world_size()
     if len(train_items) < batch:
         raise UsageError(f"{len(train_items)} training images under {root} but a batch of "
@@ -1179,7 +1189,7 @@ def default_workers():
 # Every flag: (name, type, default, why it is that value); names as in the official main_dino.py.
 SWITCHES = ("smoke", "benchmark", "compile")
 FLAGS = [
-    ("data", str, None, "DIR/train/<class>/* to learn from, DIR/val/<class>/* as k-NN queries"),
+    ("data", str, None, "DIR/train/ (any depth) to learn from; DIR/val/<class>/* as k-NN queries"),
     ("download", str, None, "first fetch imagenette (the default), cifar10 or fashion_mnist"),
     ("output_dir", str, "./dino_output", "checkpoint.pth, log.jsonl; the same command resumes"),
     ("preset", str, None, "a set of defaults (smoke, laptop); explicit flags still win"),

@@ -16,6 +16,7 @@ import json
 import math
 import os
 import re
+import runpy
 import shutil
 import signal
 import subprocess
@@ -1375,7 +1376,7 @@ def test_bad_data_or_output_dir_is_one_error_line(tiny_data, tmp_path):
     small = dm.make_synthetic_images(tmp_path / "small", classes=2, per_class=4, size=12)
     few = dm.make_synthetic_images(tmp_path / "few", classes=2, per_class=4, size=40)
     for data, says in ((tmp_path / "empty", f"{tmp_path / 'empty' / 'train' / 'cat'} holds no"),
-                       (tmp_path / "flat", "holds no train/<class>/"), (small, "smaller than"),
+                       (tmp_path / "flat", "holds no train/ folder"), (small, "smaller than"),
                        (few, "batch")):
         assert says in expect_one_error_line(tiny_argv(data, tmp_path / "o"))
 
@@ -1392,28 +1393,76 @@ def test_an_undecodable_image_is_replaced_named_once_and_changes_nothing_else(ti
     for workers in (0, 2):
         stdout = run_main(tiny_argv(data, tmp_path / str(workers), "--epochs", 2, "--num_workers",
                                     workers))
-        assert "skipped 2 files that are not images" in stdout
+        assert f"skipped 2 files under {data / 'train'} that are not images" in stdout
         assert [r["file"] for r in read_log(tmp_path / str(workers), "skipped")] == [str(bad)]
         assert f"{bad}: cannot read it, replaced by another image" in stdout
     assert_same_training(load_ckpt(tmp_path / "0"), load_ckpt(tmp_path / "2"))
 
 def test_each_surprise_in_the_data_folders_is_one_error_line(tiny_data, tmp_path, monkeypatch):
-    """Refused before any work, each in one line: one class, an empty class folder, a k-NN
-    query class that train/ lacks, an image over PIL's pixel limit (named; it would fail every
-    rerun), a dataset's own folder inside --data (naming the folder to pass)."""
-    one = dm.make_synthetic_images(tmp_path / "one", classes=1, per_class=24, size=40)
-    assert "holds 1 class folders" in expect_one_error_line(tiny_argv(one, tmp_path / "o"))
+    """Refused before any work, each in one line: an empty class folder, a k-NN query class that
+    train/ lacks or an image loose in val/, an image over PIL's pixel limit (named; it would fail
+    every rerun), one that cannot be opened (named: not counted among the non-images)."""
     for extra, says in (("train/zebra", "zebra holds no images"),
-                        ("val/zebra/1.png", "a k-NN query class that train/ does not have")):
+                        ("val/zebra/1.png", "a k-NN query class that train/ does not have"),
+                        ("val/1.png", "1.png: a k-NN query class that train/ does not have")):
         data = tmp_path / extra.replace("/", "_")
         shutil.copytree(tiny_data, data)
-        (data / extra.removesuffix("/1.png")).mkdir(parents=True)
+        (data / extra.removesuffix("1.png")).mkdir(parents=True, exist_ok=True)
         if extra.endswith(".png"):
             shutil.copy(next((data / "train" / "class0").iterdir()), data / extra)
         assert says in expect_one_error_line(tiny_argv(data, tmp_path / "o"))
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 500)  # 40 x 40 is then over twice the limit
     err = expect_one_error_line(tiny_argv(tiny_data, tmp_path / "o"))
     assert "over PIL's pixel limit" in err and str(tiny_data) in err
+    locked = Path(tiny_data) / "train" / "class2" / "005.png"
+
+    def open_as_without_permission(path, *a, **k):  # chmod 000 as a user; root reads anything
+        if Path(path) == locked:
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_open(path, *a, **k)
+
+    real_open = Image.open
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", None)
+    monkeypatch.setattr(Image, "open", open_as_without_permission)
+    err = expect_one_error_line(tiny_argv(tiny_data, tmp_path / "o"))
+    assert f"cannot read {locked} (Permission denied)" in err
+
+def test_unlabelled_images_train_without_a_knn_and_say_why_once(tiny_data, tmp_path):
+    """DINO needs no labels: train/ holding images directly or in one folder trains on every
+    image at any depth, with one line at start that says why there is no k-NN and what turns it
+    on; labelled without val/ says so too. With classes, images below a class folder count, and
+    an image exactly the local crop's size is taken where one a pixel smaller is refused."""
+    images = sorted(Path(tiny_data, "train").rglob("*.png"))  # 36 images, 9 per class
+    for layout in ("flat", "one_folder", "no_val"):
+        data = tmp_path / layout
+        for i, path in enumerate(images):
+            dest = {"flat": f"train/{i:02d}.png", "one_folder": f"train/all/{i % 3}/{i:02d}.png",
+                    "no_val": f"train/{path.parent.name}/{path.name}"}[layout]
+            (data / dest).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy(path, data / dest)
+        if layout != "no_val":
+            shutil.copytree(Path(tiny_data) / "val", data / "val")  # unlabelled: not queries
+        stdout = run_main(tiny_argv(data, tmp_path / f"o_{layout}", "--eval_every", 1))
+        why = {"no_val": f"no {data / 'val'}"}.get(layout, "is not split into 2+ class folders")
+        assert stdout.count("no k-NN: ") == 1 and why in stdout.split("no k-NN: ")[1]
+        assert "36 training / 0 k-NN query images" in stdout and "done: " in stdout
+        assert read_log(tmp_path / f"o_{layout}", "knn") == []
+    deep = tmp_path / "deep"  # class folders with images one level further down, and val/
+    shutil.copytree(tiny_data, deep)
+    shutil.move(deep / "train" / "class1", tmp_path / "class1")
+    (deep / "train" / "class1").mkdir()
+    shutil.move(tmp_path / "class1", deep / "train" / "class1" / "2024")
+    train_items, _, classes = dm.load_splits(dm.parse_args(tiny_argv(deep, "o")))
+    assert len(train_items) == 36 and sorted(y for _, y in train_items) == sorted([0, 1, 2, 3] * 9)
+    assert sum(p.parent.name == "2024" and classes[y] == "class1" for p, y in train_items) == 9
+    for size, taken in ((16, True), (15, False)):  # the smoke preset's local crops: 16 px
+        Image.new("RGB", (size, 40)).save(deep / "train" / "class0" / "edge.png")
+        args = dm.parse_args(tiny_argv(deep, "o"))
+        if taken:
+            assert len(dm.load_splits(args)[0]) == 37
+        else:
+            with pytest.raises(dm.UsageError, match="smaller than the 16-px local crops"):
+                dm.load_splits(args)
 
 def test_query_labels_follow_class_names_not_positions(tmp_path):
     """train/ {a, b, c} and val/ {a, c}: each query keeps its class's index in train/ (c = 2,
@@ -1580,10 +1629,16 @@ def test_impossible_flags_are_one_error_line(tiny_data, tmp_path, flags):
     err = re.sub(r"\((_\w+)\)", r"\1", err)  # "--momentum_teacher(_end)" names both
     assert flags.split()[0] in err and not (tmp_path / "out" / "log.jsonl").exists()
 
-def test_command_line_smoke_run_end_to_end(tmp_path):
+def readme_snippet(heading):
+    """The first ```python block of the README section under `heading`, as printed."""
+    section = (SCRIPT.parent / "README.md").read_text().split(f"## {heading}\n")[1]
+    return section.split("```python\n")[1].split("```")[0]
+
+def test_command_line_smoke_run_end_to_end(tmp_path, monkeypatch):
     """The file's first command: it trains in the resolved precision, logs the loss, collapse
-    diagnostics and k-NN (well above chance), and saves loadable weights."""
-    out = tmp_path / "smoke"
+    diagnostics and k-NN (well above chance), and saves loadable weights; the README's snippet
+    embeds a folder of images with them, one row per image, each its own nearest neighbour."""
+    out = tmp_path / "dino_output"  # the default --output_dir, which the README's snippet reads
     rc, stdout, stderr = run_cli(["--smoke", "--output_dir", out], timeout=300)
     assert rc == 0 and stderr == "", stderr
     with contextlib.redirect_stdout(io.StringIO()):
@@ -1604,6 +1659,17 @@ def test_command_line_smoke_run_end_to_end(tmp_path):
     vit.load_state_dict(torch.load(out / "teacher_backbone.pth", weights_only=True), strict=True)
     assert_bitwise_equal(vit.state_dict(), {k.removeprefix("backbone."): v for k, v in
                                             ckpt["teacher"].items() if k.startswith("backbone.")})
+    dm.make_synthetic_images(tmp_path / "my_images", classes=3, per_class=5, size=40, seed=1)
+    monkeypatch.chdir(tmp_path)
+    Path("snippet.py").write_text(readme_snippet("Your own images, labelled or not, and what "
+                                                 "it learned"))
+    with contextlib.redirect_stdout(io.StringIO()) as printed:
+        snippet = runpy.run_path("snippet.py")  # as `python snippet.py`, returning its names
+    features = snippet["features"]
+    assert features.shape == (15, 64) and printed.getvalue() == "torch.Size([15, 64])\n"
+    assert [path for path, _ in snippet["images"]] == sorted(Path("my_images").rglob("*.png"))
+    cos = F.normalize(features, dim=1) @ F.normalize(features, dim=1).T  # (15, 15)
+    assert torch.equal(cos.argmax(1), torch.arange(15))
 
 def torchrun(argv, script=SCRIPT):
     """The command line (or another script that imports dino_minimal) as 2 processes of
