@@ -6,23 +6,31 @@ r"""DINO in one file: "Emerging Properties in Self-Supervised Vision Transformer
     python dino_minimal.py --data ./imagenette --download  # one CUDA GPU, the paper's recipe
     torchrun --nproc_per_node=4 dino_minimal.py --data ./imagenette
 
-Part I is DINO itself, in the paper's order; a reader who stops at its end has all of it.
-Part II is what it takes to run it: data, the loop, checkpoints, precision and speed, presets,
-the command line. Algorithm 1 of the paper, name by name:
+Part I is DINO itself, in dependency order: the backbone (Sec. 3.2), the head, the loss
+(Eq. 1-4), the teacher, optimizer and schedules that Algorithm 1 starts from, the views, then
+the training step that uses them all, and the diagnostics. For the top-down view start at the
+training step, train_step() in Section 6. A reader who stops at Part I's end has all of DINO.
+Part II is what it takes to run it: data, the loop, checkpoints, precision and speed (batched
+augmentation included), presets, the command line. Algorithm 1 of the paper, name by name:
 
     paper        meaning                              here
-    gs, gt       student and teacher networks         MultiCropNet(VisionTransformer, DINOHead);
-                                                      a ResNet in place of the ViT: --arch
+    gs, gt       student and teacher networks         MultiCropNet(VisionTransformer, DINOHead),
+                                                      make_teacher(); a ResNet instead: --arch
     tps, tpt     student and teacher temperatures     DINOLoss.student_temp, Schedules.teacher_temp
     C            the center, a (1, K) buffer          DINOLoss.center, DINOLoss.update_center()
     H(t, s)      cross-entropy -sum t log s           DINOLoss.forward()
+    update(gs)   a step of the student's optimizer    make_optimizer(), in train_step()
     l            teacher momentum, 0.996 -> 1         Schedules.momentum, ema_update()
     m            center momentum, 0.9                 DINOLoss.center_momentum
-    augment(x)   2 global + L local views             MultiCrop, augment(), VIEWS
+    augment(x)   one random view of the image x       one view of MultiCrop(), as VIEWS says
 
-Shapes: B images, V = 2 + L views, N tokens, D width, K prototypes (--out_dim). Multi-crop
-outputs are *view-major*: rows [v*B:(v+1)*B] of a (V*B, ...) tensor are view v, so row b of
-every view comes from image b. The official code relies on this without a word.
+Algorithm 1 draws 2 views (x1, x2 = augment(x), augment(x)); multi-crop, the paper's Eq. 3,
+draws 2 global and L local views per image, all at once: MultiCrop.
+
+Shapes: B images, V = 2 + L views, N patches (1 + N tokens with the CLS token), D width,
+K prototypes (--out_dim). Multi-crop outputs are *view-major*: rows [v*B:(v+1)*B] of a
+(V*B, ...) tensor are view v, so row b of every view comes from image b. The official code
+relies on this without a word.
 
 Where this file departs from the paper and the official code (facebookresearch/dino), and why,
 is listed once, in README.md; each departure is also named where it is made.
@@ -35,7 +43,7 @@ import os
 import signal
 import sys
 import time
-from collections import Counter
+from collections import Counter, OrderedDict, namedtuple
 from dataclasses import dataclass, field
 from functools import partial
 from itertools import groupby, product
@@ -63,6 +71,7 @@ IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 # 1. The backbone f: a Vision Transformer (Sec. 3.2; Dosovitskiy et al. 2021), or a ResNet. The
 #    ViT's module names are the official ones, so the released DINO weights load.
 # ----------------------------------------------------------------------------------------------
+# name: (width D, depth in blocks, heads), as the official vit_tiny, vit_small, vit_base
 ARCHS = {"vit_tiny": (192, 12, 3), "vit_small": (384, 12, 6), "vit_base": (768, 12, 12)}
 
 def init_linear(m):
@@ -81,7 +90,8 @@ def drop_path(x, p, training):
     return x * keep / (1 - p)
 
 class Attention(nn.Module):
-    """Multi-head self-attention: h heads of width d = D / h, each softmax(Q K^T / sqrt(d)) V."""
+    """Multi-head self-attention over T = 1 + N tokens: h heads of width d = D / h, each
+    softmax(q k^T / sqrt(d)) v with the head's queries q, keys k and values v, (T, d) each."""
 
     def __init__(self, dim, heads):
         super().__init__()
@@ -90,21 +100,21 @@ class Attention(nn.Module):
         self.proj = nn.Linear(dim, dim)
 
     def forward(self, x, return_attention=False):
-        B, N, D = x.shape
-        qkv = self.qkv(x).view(B, N, 3, self.heads, D // self.heads)
-        q, k, v = qkv.permute(2, 0, 3, 1, 4)  # 3 x (B, h, N, d)
+        B, T, D = x.shape
+        qkv = self.qkv(x).view(B, T, 3, self.heads, D // self.heads)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4)  # 3 x (B, h, T, d)
         if return_attention:
-            return self.weights(q, k)  # (B, h, N, N): the maps of Fig. 1 and 3
-        x = self.attend(q, k, v)  # (B, h, N, d)
-        return self.proj(x.transpose(1, 2).reshape(B, N, D))  # (B, N, D)
+            return self.weights(q, k)  # (B, h, T, T): the maps of Fig. 1 and 3
+        x = self.attend(q, k, v)  # (B, h, T, d)
+        return self.proj(x.transpose(1, 2).reshape(B, T, D))  # (B, T, D)
 
     def weights(self, q, k):
-        # A = softmax(Q K^T / sqrt(d)), the softmax in fp32 as under CUDA autocast
-        scores = q @ k.transpose(-2, -1) * q.shape[-1] ** -0.5  # (B, h, N, N)
+        # A = softmax(q k^T / sqrt(d)), the softmax in fp32 as under CUDA autocast
+        scores = q @ k.transpose(-2, -1) * q.shape[-1] ** -0.5  # (B, h, T, T)
         return scores.softmax(-1, dtype=torch.float32)
 
     def attend(self, q, k, v):
-        # softmax(Q K^T / sqrt(d)) V; Part II may swap in one fused kernel (FusedAttention)
+        # A v; Part II may swap in one fused kernel (FusedAttention)
         return self.weights(q, k).to(v.dtype) @ v
 
 class Block(nn.Module):
@@ -114,9 +124,9 @@ class Block(nn.Module):
         super().__init__()
         self.norm1, self.attn = nn.LayerNorm(dim, eps=1e-6), Attention(dim, heads)
         self.norm2 = nn.LayerNorm(dim, eps=1e-6)
-        self.mlp = nn.Sequential()  # named fc1, act, fc2 as the official Mlp
-        self.mlp.fc1, self.mlp.act = nn.Linear(dim, 4 * dim), nn.GELU()
-        self.mlp.fc2 = nn.Linear(4 * dim, dim)
+        # named fc1, act, fc2 as the official Mlp, so that the released weights load
+        self.mlp = nn.Sequential(OrderedDict(fc1=nn.Linear(dim, 4 * dim), act=nn.GELU(),
+                                             fc2=nn.Linear(4 * dim, dim)))
         self.drop_path_rate = drop_path_rate
 
     def forward(self, x):
@@ -143,13 +153,15 @@ class VisionTransformer(nn.Module):
         self.apply(init_linear)
 
     def interpolate_pos_encoding(self, h, w):
-        """Bicubic resize of the patch position embeddings to an (h, w) grid (local crops)."""
+        """Bicubic resize of the patch position embeddings to an (h, w) grid: a 96-px local
+        view has 6 x 6 patches of 16 px, the table 14 x 14 (those of a 224-px view)."""
         n0 = math.isqrt(self.pos_embed.shape[1] - 1)
         if (h, w) == (n0, n0):
             return self.pos_embed
         grid = self.pos_embed[:, 1:].reshape(1, n0, n0, -1).permute(0, 3, 1, 2)  # (1, D, n0, n0)
-        # by a scale factor with a 0.1 offset, exactly as the official code (dino issue #8): the
-        # released weights were trained with it, and a target size samples other points
+        # as official (dino issue #8), by the factor 6.1 / 14, not to the size 6 x 6: the grid
+        # is 6 x 6 either way, but bicubic samples the table at points 14 / 6.1 patches apart,
+        # not 14 / 6; the released weights were trained with those points
         scale = ((h + 0.1) / n0, (w + 0.1) / n0)
         grid = F.interpolate(grid, scale_factor=scale, mode="bicubic")  # (1, D, h, w)
         grid = grid.flatten(2).transpose(1, 2)  # (1, h*w, D)
@@ -171,7 +183,7 @@ class VisionTransformer(nn.Module):
 
     @torch.no_grad()
     def get_last_selfattention(self, x):
-        """The last block's attention, (B, heads, 1+N, 1+N); row 0 is the CLS query (Fig. 1)."""
+        """The last block's attention, (B, h, 1+N, 1+N); row 0 is the CLS query (Fig. 1)."""
         x = self.prepare_tokens(x)
         for block in self.blocks[:-1]:
             x = block(x)
@@ -201,13 +213,14 @@ class DINOHead(nn.Module):
     def __init__(self, in_dim, out_dim, hidden=2048, bottleneck=256, norm_last_layer=True,
                  use_bn=False):
         super().__init__()
-        layers = [nn.Linear(in_dim, hidden), nn.GELU(), nn.Linear(hidden, hidden), nn.GELU()]
-        if use_bn:  # the official --use_bn_in_head: BatchNorm after each hidden Linear
-            layers.insert(3, nn.BatchNorm1d(hidden))
-            layers.insert(1, nn.BatchNorm1d(hidden))
-        self.mlp = nn.Sequential(*layers, nn.Linear(hidden, bottleneck))
+        layers = [nn.Linear(in_dim, hidden), nn.BatchNorm1d(hidden), nn.GELU(),
+                  nn.Linear(hidden, hidden), nn.BatchNorm1d(hidden), nn.GELU(),
+                  nn.Linear(hidden, bottleneck)]
+        # the BatchNorms only with the official --use_bn_in_head; the modules are named 0, 1, ...
+        # in the order they keep, as official
+        self.mlp = nn.Sequential(*(m for m in layers if use_bn or type(m) is not nn.BatchNorm1d))
         self.mlp.apply(init_linear)
-        # W = g V / ||V|| per row; with g fixed to 1 (norm_last_layer) every logit is a cosine
+        # W = g v / ||v|| per row; with g fixed to 1 (norm_last_layer) every logit is a cosine
         # in [-1, 1] between the bottleneck vector and one of the K prototypes
         self.last_layer = weight_norm(nn.Linear(bottleneck, out_dim, bias=False))
         gain = self.last_layer.parametrizations.weight.original0  # g, (K, 1)
@@ -219,7 +232,8 @@ class DINOHead(nn.Module):
         return self.last_layer(x)  # (n, K)
 
 class MultiCropNet(nn.Module):
-    """g = head o backbone over a list of views: one backbone call per run of same-size views."""
+    """g = head o backbone over a list of views: one backbone call per run of same-size views.
+    It returns the backbone's features too: the teacher's feed the collapse diagnostics."""
 
     def __init__(self, backbone, head):
         super().__init__()
@@ -256,7 +270,8 @@ class DINOLoss(nn.Module):
         # H(P_t(x), P_s(x')) = -sum_k P_t(x)_k log P_s(x')_k, averaged over the batch,
         # for every teacher view t and student view v at once
         ce = -torch.einsum("tbk,vbk->tv", pt, log_ps) / B  # (2, V)
-        # sum over x in {x1g, x2g} and x' in V with x' != x: 2V - 2 pairs, never the same view
+        # Eq. 3 sums over x in {x1g, x2g} and every student view x' != x: 2V - 2 pairs, never
+        # the same view; their mean here, as official, keeps the loss's scale as views are added
         pairs = ~torch.eye(2, V, dtype=torch.bool, device=ce.device)
         return ce[pairs].mean(), pt
 
@@ -272,8 +287,34 @@ class DINOLoss(nn.Module):
 
 
 # ----------------------------------------------------------------------------------------------
-# 4. Schedules and the EMA teacher (Sec. 3.1, 5.2; App. B)
+# 4. What Algorithm 1 starts from: the teacher, the optimizer and the schedules (Sec. 3.1,
+#    App. B); the EMA that moves the teacher
 # ----------------------------------------------------------------------------------------------
+def make_teacher(student):
+    """gt: a copy of gs (the same initial weights, no storage shared), never given gradients.
+    eval() turns its drop-path off; its BatchNorms, as official, use the batch's statistics."""
+    teacher = copy.deepcopy(student).eval().requires_grad_(False)
+    for m in teacher.modules():
+        if isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d, nn.SyncBatchNorm)):
+            m.train()
+    return teacher
+
+def param_groups(model):
+    """Weight decay on weights only: not on biases and 1-D parameters (norms); the official
+    rule, so pos_embed and cls_token are decayed. Group 0 receives the wd schedule."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (no_decay if name.endswith(".bias") or p.ndim == 1 else decay).append(p)
+    return [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+def make_optimizer(student, name="adamw", **speed):
+    """update(gs): AdamW over param_groups(student), as official for a ViT; SGD with momentum
+    0.9 (name "sgd") for a convnet. Every step sets lr and weight decay from the schedules."""
+    if name == "sgd":
+        return torch.optim.SGD(param_groups(student), lr=0.0, momentum=0.9)
+    return torch.optim.AdamW(param_groups(student), lr=0.0, **speed)
+
 def cosine_schedule(base, final, epochs, iters_per_epoch, warmup_epochs=0, warmup_start=0.0):
     """One value per iteration: a linear warmup to base, then a cosine from base to final."""
     n = warmup_epochs * iters_per_epoch
@@ -285,21 +326,30 @@ def cosine_schedule(base, final, epochs, iters_per_epoch, warmup_epochs=0, warmu
     cosine = final + 0.5 * (base - final) * (1 + torch.cos(math.pi * t))
     return torch.cat([warmup, cosine]).tolist()
 
-@dataclass
-class Schedules:
-    """lr, weight decay and teacher momentum per iteration; teacher temperature per epoch."""
-    lr: list
-    wd: list
-    momentum: list  # lambda, 0.996 -> 1 (official)
-    teacher_temp: list  # tau_t: linear warmup (paper 0.04 -> 0.07 over 30 epochs), then constant
+# lr, weight decay and teacher momentum: one value per iteration; teacher temperature per epoch
+Schedules = namedtuple("Schedules", "lr wd momentum teacher_temp")
 
-def teacher_temp_schedule(start, final, warmup_epochs, epochs):
-    warmup = torch.linspace(start, final, min(warmup_epochs, epochs), dtype=torch.float64)
-    return warmup.tolist() + [final] * (epochs - len(warmup))
+def schedules(args, iters_per_epoch):
+    """The schedules of Sec. 3.1 and App. B from the flags (named as official, defaults in Part
+    II's FLAGS), for the global batch B: the batch per process x the processes."""
+    E, n, B = args.epochs, iters_per_epoch, args.batch_size_per_gpu * world_size()
+    # tau_t: the paper's rises linearly from 0.04 to 0.07 over 30 epochs, then stays (above 0.07
+    # training is unstable); the official default stays at 0.04
+    tau = torch.linspace(args.warmup_teacher_temp, args.teacher_temp,
+                         min(args.warmup_teacher_temp_epochs, E), dtype=torch.float64).tolist()
+    return Schedules(
+        # lr: a linear warmup from 0 to 0.0005 x B / 256 over 10 epochs, then a cosine to 1e-6
+        lr=cosine_schedule(args.lr * B / 256, args.min_lr, E, n, args.warmup_epochs),
+        # weight decay: a cosine from 0.04 up to 0.4
+        wd=cosine_schedule(args.weight_decay, args.weight_decay_end, E, n),
+        # l, the teacher's momentum: a cosine from 0.996 up to 1, where the teacher stops moving
+        momentum=cosine_schedule(args.momentum_teacher, args.momentum_teacher_end, E, n),
+        teacher_temp=tau + [args.teacher_temp] * (E - len(tau)))
 
 @torch.no_grad()
 def ema_update(teacher, student, momentum):
-    """theta_t <- lambda theta_t + (1 - lambda) theta_s (Algorithm 1), parameters only."""
+    """theta_t <- l theta_t + (1 - l) theta_s (Algorithm 1). Parameters only, as official:
+    buffers (BatchNorm running statistics) are not averaged; the teacher keeps its own."""
     for t, s in zip(teacher.parameters(), student.parameters()):
         t.mul_(momentum).add_(s.detach(), alpha=1 - momentum)
 
@@ -311,8 +361,10 @@ def ema_update(teacher, student, momentum):
 # 5-40%). The teacher sees only the global views, the student all of them: matching a local
 # view to a global one teaches "local-to-global" correspondence. Each crop is then flipped,
 # colour-jittered, turned gray, blurred and solarized, each with the probability of its view.
-# (A departure: batched tensor ops on uint8 crops instead of PIL, 3x faster per worker, and
-# the same code runs on a whole batch on the GPU; hue is a rotation in YIQ space.)
+# The two global views are treated differently, a recipe taken from BYOL (Grill et al. 2020):
+# view 1 is always blurred and never solarized, view 2 rarely blurred (0.1) and sometimes
+# solarized (0.2), so the two views of an image differ in their distortions as well as their
+# crops, and the student must give both the same output.
 VIEWS = {  #     flip  jitter  gray  blur  solarize          (official DataAugmentationDINO)
     "global 1": (0.5, 0.8, 0.2, 1.0, 0.0),
     "global 2": (0.5, 0.8, 0.2, 0.1, 0.2),
@@ -321,7 +373,8 @@ VIEWS = {  #     flip  jitter  gray  blur  solarize          (official DataAugme
 
 @dataclass
 class MultiCrop:
-    """Algorithm 1's augment(x); the defaults are the official ones."""
+    """The V views of an image that Eq. 3 uses, each one draw of Algorithm 1's augment(x); the
+    defaults are the official ones."""
     global_size: int = 224
     local_size: int = 96
     global_scale: tuple = (0.4, 1.0)
@@ -332,6 +385,7 @@ class MultiCrop:
     def __call__(self, img, rng, photometric=True):
         """(3, H, W) uint8 -> [g1, g2, l1, ..., lL], each (3, h, w); without the photometric
         half, the uint8 crops only (it then runs batched on the device: augment())."""
+        # both functions are in Part II (Section 9): Python finds a name when the call runs
         crops = [random_resized_crop(img, self.global_size, self.global_scale, rng) for _ in "12"]
         for _ in range(self.local_number):
             crops.append(random_resized_crop(img, self.local_size, self.local_scale, rng))
@@ -339,117 +393,10 @@ class MultiCrop:
             return crops
         return [v[0] for v in augment([c[None] for c in crops], self.blur_sigma, rng)]
 
-def random_resized_crop(img, size, scale, rng, ratio=(3 / 4, 4 / 3)):
-    """torchvision's RandomResizedCrop: a box of random area and aspect ratio (10 tries, then
-    a centre crop with the ratio clamped), resized to size x size."""
-    _, H, W = img.shape
-    for _ in range(10):
-        u = torch.rand(4, generator=rng).tolist()
-        area = H * W * (scale[0] + (scale[1] - scale[0]) * u[0])
-        r = math.exp(math.log(ratio[0]) + (math.log(ratio[1]) - math.log(ratio[0])) * u[1])
-        w, h = round(math.sqrt(area * r)), round(math.sqrt(area / r))
-        if 0 < w <= W and 0 < h <= H:
-            i, j = int(u[2] * (H - h + 1)), int(u[3] * (W - w + 1))
-            break
-    else:
-        w, h = min(W, round(H * ratio[1])), min(H, round(W / ratio[0]))
-        i, j = (H - h) // 2, (W - w) // 2
-    crop = img[None, :, i:i + h, j:j + w]  # (1, 3, h, w) uint8
-    return F.interpolate(crop, size=(size, size), mode="bilinear", antialias=True)[0]
-
-def augment(views, blur_sigma, rng):
-    """The photometric half of augment(x) on V views, each (n, 3, h, w) uint8 with its view's
-    probabilities: one batched call per crop size (n = 1 in a worker, n = B on the GPU)."""
-    n, out = views[0].shape[0], []
-    names = ["global 1", "global 2"] + ["local"] * (len(views) - 2)
-    for first, last in ((0, 2), (2, len(views))):  # the global views, then the local ones
-        if last > first:
-            p = torch.tensor([VIEWS[name] for name in names[first:last]]).repeat_interleave(n, 0)
-            x = photometric(torch.cat(views[first:last]), p, blur_sigma, rng)  # (m*n, 3, h, w)
-            out += normalize(x).split(n)
-    return out  # V tensors (n, 3, h, w), float, normalized
-
-def photometric(x, p, blur_sigma, rng):
-    """Flip, jitter, grayscale, blur, solarize: x (n, 3, h, w) uint8 -> float in [0, 1]; p (n, 5)
-    the probabilities of each crop's view. Draws come from the CPU generator rng."""
-    coin = torch.rand(p.shape, generator=rng) < p  # (n, 5) which crop gets what
-    x = where(coin[:, 0], x.float() / 255, lambda c: c.flip(-1))
-    x = color_jitter(x, coin[:, 1], rng)
-    x = where(coin[:, 2], x, lambda c: to_gray(c).expand_as(c))
-    x = gaussian_blur(x, coin[:, 3], blur_sigma, rng)
-    # solarize as PIL: invert the pixels at or above the threshold 128
-    return where(coin[:, 4], x, lambda c: torch.where(c >= 128 / 255, 1 - c, c))
-
-def where(on, x, fn):
-    """fn applied to the crops where `on` (n,) only; most augmentations touch a few crops."""
-    idx = on.nonzero().squeeze(1).to(x.device)
-    return x.index_copy(0, idx, fn(x[idx])) if len(idx) else x
-
-def to_gray(x):
-    """ITU-R 601 luma, as PIL: (n, 3, h, w) -> (n, 1, h, w)."""
-    return (x * x.new_tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)).sum(1, keepdim=True)
-
-RGB_TO_YIQ = torch.tensor([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]])
-
-def color_jitter(x, on, rng):
-    """ColorJitter(brightness 0.4, contrast 0.4, saturation 0.2, hue 0.1) of the crops where
-    `on`: factors b ~ U(0.6, 1.4), c ~ U(0.6, 1.4), s ~ U(0.8, 1.2), a hue shift ~ U(-0.1, 0.1)."""
-    n = x.shape[0]
-    draws = [centre + spread * (2 * torch.rand(n, generator=rng) - 1)
-             for centre, spread in ((1, 0.4), (1, 0.4), (1, 0.2), (0, 0.1))]
-    b, c, s = (d[on].view(-1, 1, 1, 1).to(x.device) for d in draws[:3])  # (m, 1, 1, 1)
-    theta = 2 * math.pi * draws[3][on]  # (m,)
-
-    def jitter(x):  # (m, 3, h, w): the crops where on
-        x = (b * x).clamp(0, 1)  # brightness: a blend with black
-        x = (c * x + (1 - c) * to_gray(x).mean((1, 2, 3), keepdim=True)).clamp(0, 1)  # contrast
-        x = (s * x + (1 - s) * to_gray(x)).clamp(0, 1)  # saturation: a blend with the gray image
-        # hue: x <- T^-1 R(theta) T x, a rotation of the chroma plane (I, Q) of YIQ
-        R = torch.zeros(len(theta), 3, 3)
-        R[:, 0, 0], R[:, 1, 1], R[:, 2, 2] = 1, theta.cos(), theta.cos()
-        R[:, 1, 2], R[:, 2, 1] = -theta.sin(), theta.sin()
-        M = torch.linalg.inv(RGB_TO_YIQ) @ R @ RGB_TO_YIQ  # (m, 3, 3)
-        return torch.einsum("nij,njhw->nihw", M.to(x.device), x).clamp(0, 1)
-
-    return where(on, x, jitter)
-
-def gaussian_blur(x, on, sigma_range, rng):
-    """Separable Gaussian blur, sigma ~ U(sigma_range) per crop, of the crops where `on`."""
-    lo, hi = sigma_range
-    sigma = lo + (hi - lo) * torch.rand(x.shape[0], generator=rng)
-    r = min(math.ceil(3 * hi), x.shape[-2] - 1, x.shape[-1] - 1)  # the kernel covers 3 sigma
-    t = torch.arange(-r, r + 1, dtype=torch.float32)
-    # k(t) = exp(-t^2 / (2 sigma^2)) / sum, one kernel per blurred crop and channel
-    k = torch.exp(-t**2 / (2 * sigma[on, None] ** 2))  # (m, 2r+1)
-    k = (k / k.sum(1, keepdim=True)).repeat_interleave(3, 0).to(x.device)  # (3m, 2r+1)
-
-    def blur(c):  # (m, 3, h, w) -> the same, blurred along rows, then columns
-        m, _, h, w = c.shape
-        y = F.pad(c.reshape(1, 3 * m, h, w), (r, r, 0, 0), mode="reflect")
-        y = F.conv2d(y, k.view(3 * m, 1, 1, -1), groups=3 * m)
-        y = F.pad(y, (0, 0, r, r), mode="reflect")
-        return F.conv2d(y, k.view(3 * m, 1, -1, 1), groups=3 * m).view(m, 3, h, w)
-
-    return where(on, x, blur)
-
-def normalize(x):
-    """ImageNet mean and std per channel, as the official ToTensor + Normalize."""
-    mean, std = x.new_tensor(IMAGENET_MEAN), x.new_tensor(IMAGENET_STD)
-    return (x - mean.view(-1, 3, 1, 1)) / std.view(-1, 3, 1, 1)
-
 
 # ----------------------------------------------------------------------------------------------
 # 6. One training step (Algorithm 1, in the official order)
 # ----------------------------------------------------------------------------------------------
-def param_groups(model):
-    """Weight decay on weights only: not on biases and 1-D parameters (norms); the official
-    rule, so pos_embed and cls_token are decayed. Group 0 receives the wd schedule."""
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        if p.requires_grad:
-            (no_decay if name.endswith(".bias") or p.ndim == 1 else decay).append(p)
-    return [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}]
-
 def clip_gradients(model, clip):
     """Per-parameter clipping, as official: each gradient alone is scaled to norm <= clip."""
     for p in model.parameters():
@@ -461,10 +408,10 @@ class TrainState:
     """What one step reads and changes. Part II may wrap the networks (DistributedDataParallel,
     torch.compile); they keep the same parameters."""
     student: nn.Module  # g_s
-    teacher: nn.Module  # g_t: an independent copy of the student, never given gradients
+    teacher: nn.Module  # g_t = make_teacher(g_s)
     dino_loss: DINOLoss  # holds the center C
-    optimizer: torch.optim.Optimizer  # AdamW (SGD for a convnet) over param_groups(student)
-    schedules: Schedules
+    optimizer: torch.optim.Optimizer  # make_optimizer(g_s)
+    schedules: Schedules  # schedules(args, ...)
     clip_grad: float = 3.0
     freeze_last_layer: int = 1  # epochs during which the prototypes stay fixed
     amp_dtype: torch.dtype = None  # bf16 or fp16 autocast of the forward passes, or fp32
@@ -485,27 +432,28 @@ def train_step(state, views, epoch):
     with torch.autocast(views[0].device.type, dtype=dtype, enabled=dtype is not None):
         teacher_feats, teacher_out = state.teacher(views[:2])
         _, student_out = state.student(views)
-    # loss = H(t1, s2)/2 + H(t2, s1)/2, over every pair of views (Eq. 3), in fp32
+    # Eq. 3, in fp32; Algorithm 1's line when V = 2: loss = H(t1, s2)/2 + H(t2, s1)/2
     tau_t = state.schedules.teacher_temp[epoch]
     loss, teacher_probs = state.dino_loss(student_out, teacher_out, tau_t)
     if not math.isfinite(loss.item()):
         raise FloatingPointError(f"loss is {loss.item()}: try --precision fp32, a lower --lr "
                                  "or --teacher_temp")
-    # C = m*C + (1-m)*cat([t1, t2]).mean(dim=0), after the loss: C never holds its own batch
+    # C = m*C + (1-m)*cat([t1, t2]).mean(dim=0): Algorithm 1's last line, made here as official;
+    # nothing below reads C, so the effect is the same. C never holds the batch it centers
     state.dino_loss.update_center(teacher_out)
     # loss.backward(); update(gs): AdamW, each gradient clipped to norm <= clip_grad, and the
     # prototypes (last layer) left unchanged during the first epoch(s): stabler
     state.optimizer.zero_grad(set_to_none=True)
-    state.scaler.scale(loss).backward()
-    state.scaler.unscale_(state.optimizer)
+    state.scaler.scale(loss).backward()  # loss.backward(), the loss scaled up if fp16
+    state.scaler.unscale_(state.optimizer)  # fp16: the gradients scaled back down
     if state.clip_grad:
         clip_gradients(state.student, state.clip_grad)
     if epoch < state.freeze_last_layer:
         for name, p in state.student.named_parameters():
             if "last_layer" in name:
                 p.grad = None
-    state.scaler.step(state.optimizer)
-    state.scaler.update()
+    state.scaler.step(state.optimizer)  # optimizer.step(); skipped if fp16 overflowed
+    state.scaler.update()  # fp16: the scale for the next step
     # gt.params = l*gt.params + (1-l)*gs.params, with l of this iteration
     ema_update(state.teacher, state.student, state.schedules.momentum[state.it])
     state.it += 1
@@ -513,7 +461,9 @@ def train_step(state, views, epoch):
 
 
 # ----------------------------------------------------------------------------------------------
-# 7. Collapse diagnostics (Sec. 5.3, Fig. 7) and the weighted k-NN (App. F.1)
+# 7. Collapse diagnostics and the weighted k-NN (App. F.1). Sec. 5.3 and Fig. 7 define the
+#    teacher's entropy and the KL; the batch-mean entropy, the feature std and the effective
+#    rank are this file's additions.
 # ----------------------------------------------------------------------------------------------
 def entropy(p, dim=-1):
     """h(p) = -sum_k p_k log p_k, with 0 log 0 = 0."""
@@ -790,9 +740,113 @@ def download(name, root):
     return str(root)
 
 # ----------------------------------------------------------------------------------------------
-# 9. Device, precision and speed: each choice made only for speed has its figure in
-#    notebooks/RESULTS.md (Performance). None changes the algorithm of Part I.
+# 9. Augmentation, device, precision and speed: each choice made only for speed has its figure
+#    in notebooks/RESULTS.md (Performance). None changes the algorithm of Part I.
 # ----------------------------------------------------------------------------------------------
+# Part I's MultiCrop, made fast: batched tensor ops on uint8 crops instead of PIL, 3x faster per
+# worker, and the same code runs on a whole batch on the GPU (--augment_on_device). Hue is a
+# rotation in YIQ space. Two departures from the official images, named where they are made.
+def random_resized_crop(img, size, scale, rng, ratio=(3 / 4, 4 / 3)):
+    """RandomResizedCrop's box, as torchvision draws it: a random area (scale) and aspect ratio
+    w / h (ratio), 10 tries to fit it in the image; resized to size x size."""
+    _, H, W = img.shape
+    for _ in range(10):
+        u = torch.rand(4, generator=rng).tolist()
+        area = H * W * (scale[0] + (scale[1] - scale[0]) * u[0])
+        r = math.exp(math.log(ratio[0]) + (math.log(ratio[1]) - math.log(ratio[0])) * u[1])
+        w, h = round(math.sqrt(area * r)), round(math.sqrt(area / r))
+        if 0 < w <= W and 0 < h <= H:
+            i, j = int(u[2] * (H - h + 1)), int(u[3] * (W - w + 1))
+            break
+    else:  # no box fitted: the largest centred box with w / h in [3/4, 4/3], often the image
+        w, h = min(W, round(H * ratio[1])), min(H, round(W / ratio[0]))
+        i, j = (H - h) // 2, (W - w) // 2
+    crop = img[None, :, i:i + h, j:j + w]  # (1, 3, h, w) uint8
+    # a departure: bilinear resize (antialiased); the official RandomResizedCrop is bicubic
+    return F.interpolate(crop, size=(size, size), mode="bilinear", antialias=True)[0]
+
+def augment(views, blur_sigma, rng):
+    """The photometric half of augment(x) on V views, each (n, 3, h, w) uint8 with its view's
+    probabilities: one batched call per crop size (n = 1 in a worker, n = B on the GPU)."""
+    n, out = views[0].shape[0], []
+    names = ["global 1", "global 2"] + ["local"] * (len(views) - 2)
+    for first, last in ((0, 2), (2, len(views))):  # the global views, then the local ones
+        if last > first:
+            p = torch.tensor([VIEWS[name] for name in names[first:last]]).repeat_interleave(n, 0)
+            x = photometric(torch.cat(views[first:last]), p, blur_sigma, rng)  # (m*n, 3, h, w)
+            out += normalize(x).split(n)
+    return out  # V tensors (n, 3, h, w), float, normalized
+
+def photometric(x, p, blur_sigma, rng):
+    """Flip, jitter, grayscale, blur, solarize: x (n, 3, h, w) uint8 -> float in [0, 1]; p (n, 5)
+    the probabilities of each crop's view. Draws come from the CPU generator rng."""
+    coin = torch.rand(p.shape, generator=rng) < p  # (n, 5) which crop gets what
+    x = where(coin[:, 0], x.float() / 255, lambda c: c.flip(-1))
+    x = color_jitter(x, coin[:, 1], rng)
+    x = where(coin[:, 2], x, lambda c: to_gray(c).expand_as(c))
+    x = gaussian_blur(x, coin[:, 3], blur_sigma, rng)
+    # solarize as PIL: invert the pixels at or above the threshold 128
+    return where(coin[:, 4], x, lambda c: torch.where(c >= 128 / 255, 1 - c, c))
+
+def where(on, x, fn):
+    """fn applied to the crops where `on` (n,) only; most augmentations touch a few crops."""
+    idx = on.nonzero().squeeze(1).to(x.device)
+    return x.index_copy(0, idx, fn(x[idx])) if len(idx) else x
+
+def to_gray(x):
+    """ITU-R 601 luma, as PIL: (n, 3, h, w) -> (n, 1, h, w)."""
+    return (x * x.new_tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)).sum(1, keepdim=True)
+
+RGB_TO_YIQ = torch.tensor([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]])
+
+def color_jitter(x, on, rng):
+    """ColorJitter(brightness 0.4, contrast 0.4, saturation 0.2, hue 0.1) of the crops where
+    `on`: factors b ~ U(0.6, 1.4), c ~ U(0.6, 1.4), s ~ U(0.8, 1.2), a hue shift ~ U(-0.1, 0.1)."""
+    n = x.shape[0]
+    draws = [centre + spread * (2 * torch.rand(n, generator=rng) - 1)
+             for centre, spread in ((1, 0.4), (1, 0.4), (1, 0.2), (0, 0.1))]
+    b, c, s = (d[on].view(-1, 1, 1, 1).to(x.device) for d in draws[:3])  # (m, 1, 1, 1)
+    theta = 2 * math.pi * draws[3][on]  # (m,)
+
+    def jitter(x):  # (m, 3, h, w): the crops where on
+        # a departure: this fixed order; torchvision's ColorJitter draws a random one per call
+        x = (b * x).clamp(0, 1)  # brightness: a blend with black
+        x = (c * x + (1 - c) * to_gray(x).mean((1, 2, 3), keepdim=True)).clamp(0, 1)  # contrast
+        x = (s * x + (1 - s) * to_gray(x)).clamp(0, 1)  # saturation: a blend with the gray image
+        # hue: x <- T^-1 R(theta) T x, a rotation of the chroma plane (I, Q) of YIQ
+        R = torch.zeros(len(theta), 3, 3)
+        R[:, 0, 0], R[:, 1, 1], R[:, 2, 2] = 1, theta.cos(), theta.cos()
+        R[:, 1, 2], R[:, 2, 1] = -theta.sin(), theta.sin()
+        M = torch.linalg.inv(RGB_TO_YIQ) @ R @ RGB_TO_YIQ  # (m, 3, 3)
+        return torch.einsum("nij,njhw->nihw", M.to(x.device), x).clamp(0, 1)
+
+    return where(on, x, jitter)
+
+def gaussian_blur(x, on, sigma_range, rng):
+    """Separable Gaussian blur, sigma ~ U(sigma_range) per crop, of the crops where `on`."""
+    lo, hi = sigma_range
+    sigma = lo + (hi - lo) * torch.rand(x.shape[0], generator=rng)
+    # the kernel reaches 3 x the largest sigma, but less than the crop's side (reflect padding)
+    r = min(math.ceil(3 * hi), x.shape[-2] - 1, x.shape[-1] - 1)
+    t = torch.arange(-r, r + 1, dtype=torch.float32)
+    # k(t) = exp(-t^2 / (2 sigma^2)) / sum, one kernel per blurred crop and channel
+    k = torch.exp(-t**2 / (2 * sigma[on, None] ** 2))  # (m, 2r+1)
+    k = (k / k.sum(1, keepdim=True)).repeat_interleave(3, 0).to(x.device)  # (3m, 2r+1)
+
+    def blur(c):  # (m, 3, h, w) -> the same, blurred along rows, then columns
+        m, _, h, w = c.shape
+        y = F.pad(c.reshape(1, 3 * m, h, w), (r, r, 0, 0), mode="reflect")
+        y = F.conv2d(y, k.view(3 * m, 1, 1, -1), groups=3 * m)
+        y = F.pad(y, (0, 0, r, r), mode="reflect")
+        return F.conv2d(y, k.view(3 * m, 1, -1, 1), groups=3 * m).view(m, 3, h, w)
+
+    return where(on, x, blur)
+
+def normalize(x):
+    """ImageNet mean and std per channel, as the official ToTensor + Normalize."""
+    mean, std = x.new_tensor(IMAGENET_MEAN), x.new_tensor(IMAGENET_STD)
+    return (x - mean.view(-1, 3, 1, 1)) / std.view(-1, 3, 1, 1)
+
 def setup_device(name):
     """auto: cuda, mps, else the CPU. Under torchrun one process per GPU (gloo on CPUs)."""
     found = {"cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}
@@ -851,14 +905,9 @@ def build(args, device, iters_per_epoch):
             m.__class__ = FusedAttention
     if dist.is_initialized() and device.type == "cuda":  # a BatchNorm head over all GPUs
         student = nn.SyncBatchNorm.convert_sync_batchnorm(student)
-    teacher = copy.deepcopy(student).eval().requires_grad_(False)  # eval(): no drop-path
-    for m in teacher.modules():  # but, as official, its BatchNorms use the batch's statistics
-        if isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d, nn.SyncBatchNorm)):
-            m.train()
-    if args.optimizer == "sgd":  # the official choice for convnets
-        opt = torch.optim.SGD(param_groups(student), lr=0.0, momentum=0.9)
-    else:  # fused: one pass over the weights, 4x faster than the foreach version on a CPU
-        opt = torch.optim.AdamW(param_groups(student), lr=0.0, fused=device.type in ("cuda", "cpu"))
+    teacher = make_teacher(student)
+    # fused AdamW: one pass over the weights, 4x faster than the foreach version on a CPU
+    opt = make_optimizer(student, args.optimizer, fused=device.type in ("cuda", "cpu"))
     dino_loss = DINOLoss(args.out_dim, args.student_temp, args.center_momentum).to(device)
     scaler = GradScaler(device.type, enabled=args.precision == "fp16")
     state = TrainState(student, teacher, dino_loss, opt, schedules(args, iters_per_epoch),
@@ -868,16 +917,6 @@ def build(args, device, iters_per_epoch):
     if args.compile:  # faster on a GPU after minutes of compiling; no faster on a CPU
         state.student, state.teacher = torch.compile(state.student), torch.compile(teacher)
     return state
-
-def schedules(args, iters_per_epoch):
-    """Per-iteration schedules of the flags; peak lr scaled linearly, lr x batch / 256 (App. B)."""
-    E, n, lr = args.epochs, iters_per_epoch, args.lr * args.batch_size_per_gpu * world_size() / 256
-    return Schedules(
-        lr=cosine_schedule(lr, args.min_lr, E, n, args.warmup_epochs),
-        wd=cosine_schedule(args.weight_decay, args.weight_decay_end, E, n),
-        momentum=cosine_schedule(args.momentum_teacher, args.momentum_teacher_end, E, n),
-        teacher_temp=teacher_temp_schedule(args.warmup_teacher_temp, args.teacher_temp,
-                                           args.warmup_teacher_temp_epochs, E))
 
 def build_vit(args, drop_path_rate=0.0):
     dim, depth, heads = ARCHS[args.arch]

@@ -371,7 +371,10 @@ def test_cosine_schedule_hits_its_endpoints_and_is_monotone(epochs, iters, warmu
 @given(start=st.floats(0.01, 0.1), final=st.floats(0.01, 0.1), warmup=st.integers(0, 9),
        epochs=st.integers(1, 9))
 def test_teacher_temperature_warms_up_linearly_per_epoch(start, final, warmup, epochs):
-    tt, k = dm.teacher_temp_schedule(start, final, warmup, epochs), min(warmup, epochs)
+    args = dm.parse_args(["--smoke", "--warmup_teacher_temp", str(start), "--teacher_temp",
+                          str(final), "--warmup_teacher_temp_epochs", str(warmup), "--epochs",
+                          str(epochs)])
+    tt, k = dm.schedules(args, iters_per_epoch=1).teacher_temp, min(warmup, epochs)
     assert len(tt) == epochs and tt[k:] == [final] * (epochs - k)
     if k >= 2:
         expected = [start + (final - start) * e / (k - 1) for e in range(k)]
