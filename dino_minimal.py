@@ -6,34 +6,26 @@ r"""DINO in one file: "Emerging Properties in Self-Supervised Vision Transformer
     python dino_minimal.py --data ./imagenette --download  # one CUDA GPU, the paper's recipe
     torchrun --nproc_per_node=4 dino_minimal.py --data ./imagenette
 
-Part I is DINO itself, in dependency order: the backbone (Sec. 3.2), the head, the loss
-(Eq. 1-4), the teacher, optimizer and schedules that Algorithm 1 starts from, the views, then
-the training step that uses them all, and the diagnostics. For the top-down view start at the
-training step, train_step() in Section 6. A reader who stops at Part I's end has all of DINO.
-Part II is what it takes to run it: data, the loop, checkpoints, precision and speed (batched
-augmentation included), presets, the command line. Algorithm 1 of the paper, name by name:
+Part I is all of DINO, each piece before its first use: backbone, head, loss, what Algorithm 1
+starts from, the views, the training step (Section 6: start there for the top-down view), the
+diagnostics. Part II runs it: data, the loop, checkpoints, augmentation batched for speed,
+precision, presets, the command line. Departures from the paper and the official code
+(facebookresearch/dino), and why: README.md, each also named where made. Algorithm 1, by name:
 
     paper        meaning                              here
-    gs, gt       student and teacher networks         MultiCropNet(VisionTransformer, DINOHead),
-                                                      make_teacher(); a ResNet instead: --arch
+    gs, gt       student and teacher networks         MultiCropNet(f, DINOHead), make_teacher()
     tps, tpt     student and teacher temperatures     DINOLoss.student_temp, Schedules.teacher_temp
     C            the center, a (1, K) buffer          DINOLoss.center, DINOLoss.update_center()
     H(t, s)      cross-entropy -sum t log s           DINOLoss.forward()
     update(gs)   a step of the student's optimizer    make_optimizer(), in train_step()
     l            teacher momentum, 0.996 -> 1         Schedules.momentum, ema_update()
     m            center momentum, 0.9                 DINOLoss.center_momentum
-    augment(x)   one random view of the image x       one view of MultiCrop(), as VIEWS says
+    augment(x)   one random view of x, drawn twice;   MultiCrop() draws all V views of x at
+                 multi-crop (Eq. 3) draws 2 + L       once, each as VIEWS says
 
-Algorithm 1 draws 2 views (x1, x2 = augment(x), augment(x)); multi-crop, the paper's Eq. 3,
-draws 2 global and L local views per image, all at once: MultiCrop.
-
-Shapes: B images, V = 2 + L views, N patches (1 + N tokens with the CLS token), D width,
-K prototypes (--out_dim). Multi-crop outputs are *view-major*: rows [v*B:(v+1)*B] of a
-(V*B, ...) tensor are view v, so row b of every view comes from image b. The official code
-relies on this without a word.
-
-Where this file departs from the paper and the official code (facebookresearch/dino), and why,
-is listed once, in README.md; each departure is also named where it is made.
+Shapes: B images, V = 2 + L views, N patches (1 + N tokens), D width, K prototypes (--out_dim).
+Multi-crop outputs are *view-major*: rows [v*B:(v+1)*B] of a (V*B, ...) tensor are view v, so row
+b of every view comes from image b. The official code relies on this without a word.
 """
 import argparse
 import copy
@@ -61,17 +53,14 @@ from torch.nn.utils.parametrizations import weight_norm
 from torchvision.models.resnet import BasicBlock, Bottleneck
 from torchvision.transforms.functional import pil_to_tensor
 
-IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
-
 # ==============================================================================================
 #                                       PART I: DINO
 # ==============================================================================================
 
 # ----------------------------------------------------------------------------------------------
-# 1. The backbone f: a Vision Transformer (Sec. 3.2; Dosovitskiy et al. 2021), or a ResNet. The
-#    ViT's module names are the official ones, so the released DINO weights load.
+# 1. The backbone f: a Vision Transformer (Sec. 3.2; Dosovitskiy et al. 2021) or a ResNet. ARCHS:
+#    (width D, blocks, heads); module names as official, so the released DINO weights load.
 # ----------------------------------------------------------------------------------------------
-# name: (width D, depth in blocks, heads), as the official vit_tiny, vit_small, vit_base
 ARCHS = {"vit_tiny": (192, 12, 3), "vit_small": (384, 12, 6), "vit_base": (768, 12, 12)}
 
 def init_linear(m):
@@ -90,8 +79,7 @@ def drop_path(x, p, training):
     return x * keep / (1 - p)
 
 class Attention(nn.Module):
-    """Multi-head self-attention over T = 1 + N tokens: h heads of width d = D / h, each
-    softmax(q k^T / sqrt(d)) v with the head's queries q, keys k and values v, (T, d) each."""
+    """Self-attention over T = 1 + N tokens, h heads of width d = D/h: softmax(q k^T/sqrt(d)) v."""
 
     def __init__(self, dim, heads):
         super().__init__()
@@ -144,8 +132,7 @@ class VisionTransformer(nn.Module):
         self.patch_embed.proj = nn.Conv2d(3, dim, kernel_size=patch_size, stride=patch_size)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
         self.pos_embed = nn.Parameter(torch.zeros(1, 1 + (img_size // patch_size) ** 2, dim))
-        # stochastic depth grows linearly with depth, from 0 in the first block
-        rates = torch.linspace(0, drop_path_rate, depth).tolist()
+        rates = torch.linspace(0, drop_path_rate, depth).tolist()  # drop-path, linear from 0
         self.blocks = nn.ModuleList(Block(dim, heads, r) for r in rates)
         self.norm = nn.LayerNorm(dim, eps=1e-6)
         nn.init.trunc_normal_(self.pos_embed, std=0.02)
@@ -153,15 +140,13 @@ class VisionTransformer(nn.Module):
         self.apply(init_linear)
 
     def interpolate_pos_encoding(self, h, w):
-        """Bicubic resize of the patch position embeddings to an (h, w) grid: a 96-px local
-        view has 6 x 6 patches of 16 px, the table 14 x 14 (those of a 224-px view)."""
+        """Bicubic resize of the patch position embeddings to an (h, w) grid (local views)."""
         n0 = math.isqrt(self.pos_embed.shape[1] - 1)
         if (h, w) == (n0, n0):
             return self.pos_embed
         grid = self.pos_embed[:, 1:].reshape(1, n0, n0, -1).permute(0, 3, 1, 2)  # (1, D, n0, n0)
-        # as official (dino issue #8), by the factor 6.1 / 14, not to the size 6 x 6: the grid
-        # is 6 x 6 either way, but bicubic samples the table at points 14 / 6.1 patches apart,
-        # not 14 / 6; the released weights were trained with those points
+        # by the factor (h + 0.1) / n0 as official (dino #8): a 96-px view gets 6 x 6 of the 14 x 14
+        # table, sampled 14/6.1 apart, not 14/6 as size=(6, 6) would: the released weights' points
         scale = ((h + 0.1) / n0, (w + 0.1) / n0)
         grid = F.interpolate(grid, scale_factor=scale, mode="bicubic")  # (1, D, h, w)
         grid = grid.flatten(2).transpose(1, 2)  # (1, h*w, D)
@@ -192,9 +177,8 @@ class VisionTransformer(nn.Module):
 RESNETS = {"resnet18": (BasicBlock, [2, 2, 2, 2]), "resnet50": (Bottleneck, [3, 4, 6, 3])}
 
 class ResNet(torchvision.models.ResNet):
-    """The paper's framework takes "a ViT or a ResNet" as f (Sec. 3.1, Table 2): torchvision's
-    resnet18 or resnet50, randomly initialized, without its classifier: f(x) is the globally
-    average-pooled feature of the last stage, (B, 512) or (B, 2048)."""
+    """f may be "a ViT or a ResNet" (Sec. 3.1, Table 2): torchvision's resnet18 or resnet50, no
+    classifier; f(x) is the average-pooled feature of the last stage, (B, 512) or (B, 2048)."""
 
     def __init__(self, arch):
         super().__init__(*RESNETS[arch])  # torchvision's block and blocks per stage
@@ -216,8 +200,7 @@ class DINOHead(nn.Module):
         layers = [nn.Linear(in_dim, hidden), nn.BatchNorm1d(hidden), nn.GELU(),
                   nn.Linear(hidden, hidden), nn.BatchNorm1d(hidden), nn.GELU(),
                   nn.Linear(hidden, bottleneck)]
-        # the BatchNorms only with the official --use_bn_in_head; the modules are named 0, 1, ...
-        # in the order they keep, as official
+        # the BatchNorms only with the official --use_bn_in_head; the kept ones named 0, 1, ...
         self.mlp = nn.Sequential(*(m for m in layers if use_bn or type(m) is not nn.BatchNorm1d))
         self.mlp.apply(init_linear)
         # W = g v / ||v|| per row; with g fixed to 1 (norm_last_layer) every logit is a cosine
@@ -270,8 +253,7 @@ class DINOLoss(nn.Module):
         # H(P_t(x), P_s(x')) = -sum_k P_t(x)_k log P_s(x')_k, averaged over the batch,
         # for every teacher view t and student view v at once
         ce = -torch.einsum("tbk,vbk->tv", pt, log_ps) / B  # (2, V)
-        # Eq. 3 sums over x in {x1g, x2g} and every student view x' != x: 2V - 2 pairs, never
-        # the same view; their mean here, as official, keeps the loss's scale as views are added
+        # Eq. 3 sums over x in {x1g, x2g} and x' != x, 2V - 2 pairs; here their mean, as official
         pairs = ~torch.eye(2, V, dtype=torch.bool, device=ce.device)
         return ce[pairs].mean(), pt
 
@@ -287,14 +269,12 @@ class DINOLoss(nn.Module):
 
 
 # ----------------------------------------------------------------------------------------------
-# 4. What Algorithm 1 starts from: the teacher, the optimizer and the schedules (Sec. 3.1,
-#    App. B); the EMA that moves the teacher
+# 4. What Algorithm 1 starts from: teacher, optimizer, schedules (Sec. 3.1, App. B); the EMA
 # ----------------------------------------------------------------------------------------------
 def make_teacher(student):
-    """gt: a copy of gs (the same initial weights, no storage shared), never given gradients.
-    eval() turns its drop-path off; its BatchNorms, as official, use the batch's statistics."""
-    teacher = copy.deepcopy(student).eval().requires_grad_(False)
-    for m in teacher.modules():
+    """gt: a copy of gs (the same initial weights, no storage shared), never given gradients."""
+    teacher = copy.deepcopy(student).eval().requires_grad_(False)  # eval(): no drop-path
+    for m in teacher.modules():  # but, as official, its BatchNorms use the batch's statistics
         if isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d, nn.SyncBatchNorm)):
             m.train()
     return teacher
@@ -309,9 +289,8 @@ def param_groups(model):
     return [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 def make_optimizer(student, name="adamw", **speed):
-    """update(gs): AdamW over param_groups(student), as official for a ViT; SGD with momentum
-    0.9 (name "sgd") for a convnet. Every step sets lr and weight decay from the schedules."""
-    if name == "sgd":
+    """update(gs): AdamW as official for a ViT, SGD (momentum 0.9) for a convnet."""
+    if name == "sgd":  # lr (and weight decay): set by every step from the schedules
         return torch.optim.SGD(param_groups(student), lr=0.0, momentum=0.9)
     return torch.optim.AdamW(param_groups(student), lr=0.0, **speed)
 
@@ -326,15 +305,12 @@ def cosine_schedule(base, final, epochs, iters_per_epoch, warmup_epochs=0, warmu
     cosine = final + 0.5 * (base - final) * (1 + torch.cos(math.pi * t))
     return torch.cat([warmup, cosine]).tolist()
 
-# lr, weight decay and teacher momentum: one value per iteration; teacher temperature per epoch
-Schedules = namedtuple("Schedules", "lr wd momentum teacher_temp")
+Schedules = namedtuple("Schedules", "lr wd momentum teacher_temp")  # per iteration; tau_t per epoch
 
 def schedules(args, iters_per_epoch):
-    """The schedules of Sec. 3.1 and App. B from the flags (named as official, defaults in Part
-    II's FLAGS), for the global batch B: the batch per process x the processes."""
+    """Sec. 3.1 and App. B, from the flags (named as official); B is the global batch."""
     E, n, B = args.epochs, iters_per_epoch, args.batch_size_per_gpu * world_size()
-    # tau_t: the paper's rises linearly from 0.04 to 0.07 over 30 epochs, then stays (above 0.07
-    # training is unstable); the official default stays at 0.04
+    # tau_t: the paper's rises linearly from 0.04 to 0.07 over 30 epochs (official: stays 0.04)
     tau = torch.linspace(args.warmup_teacher_temp, args.teacher_temp,
                          min(args.warmup_teacher_temp_epochs, E), dtype=torch.float64).tolist()
     return Schedules(
@@ -348,8 +324,8 @@ def schedules(args, iters_per_epoch):
 
 @torch.no_grad()
 def ema_update(teacher, student, momentum):
-    """theta_t <- l theta_t + (1 - l) theta_s (Algorithm 1). Parameters only, as official:
-    buffers (BatchNorm running statistics) are not averaged; the teacher keeps its own."""
+    """theta_t <- l theta_t + (1 - l) theta_s (Algorithm 1); as official, BatchNorm statistics
+    (buffers) are not averaged: the teacher keeps its own."""
     for t, s in zip(teacher.parameters(), student.parameters()):
         t.mul_(momentum).add_(s.detach(), alpha=1 - momentum)
 
@@ -360,11 +336,9 @@ def ema_update(teacher, student, momentum):
 # Each image becomes 2 global views (224 px, 40-100% of its area) and L local views (96 px,
 # 5-40%). The teacher sees only the global views, the student all of them: matching a local
 # view to a global one teaches "local-to-global" correspondence. Each crop is then flipped,
-# colour-jittered, turned gray, blurred and solarized, each with the probability of its view.
-# The two global views are treated differently, a recipe taken from BYOL (Grill et al. 2020):
-# view 1 is always blurred and never solarized, view 2 rarely blurred (0.1) and sometimes
-# solarized (0.2), so the two views of an image differ in their distortions as well as their
-# crops, and the student must give both the same output.
+# colour-jittered, turned gray, blurred and solarized, each with the probability of its view;
+# the global views as in BYOL (Grill et al. 2020): view 1 always blurred, view 2 blurred at 0.1
+# and solarized at 0.2, so the two differ in their distortions, not only their crops.
 VIEWS = {  #     flip  jitter  gray  blur  solarize          (official DataAugmentationDINO)
     "global 1": (0.5, 0.8, 0.2, 1.0, 0.0),
     "global 2": (0.5, 0.8, 0.2, 0.1, 0.2),
@@ -373,8 +347,7 @@ VIEWS = {  #     flip  jitter  gray  blur  solarize          (official DataAugme
 
 @dataclass
 class MultiCrop:
-    """The V views of an image that Eq. 3 uses, each one draw of Algorithm 1's augment(x); the
-    defaults are the official ones."""
+    """The V views of Eq. 3, each a draw of Algorithm 1's augment(x); official defaults."""
     global_size: int = 224
     local_size: int = 96
     global_scale: tuple = (0.4, 1.0)
@@ -383,9 +356,8 @@ class MultiCrop:
     blur_sigma: tuple = (0.1, 2.0)
 
     def __call__(self, img, rng, photometric=True):
-        """(3, H, W) uint8 -> [g1, g2, l1, ..., lL], each (3, h, w); without the photometric
-        half, the uint8 crops only (it then runs batched on the device: augment())."""
-        # both functions are in Part II (Section 9): Python finds a name when the call runs
+        """(3, H, W) uint8 -> [g1, g2, l1, ..., lL], each (3, h, w); photometric=False: the uint8
+        crops only. The functions called are in Part II: Python finds a name when a call runs."""
         crops = [random_resized_crop(img, self.global_size, self.global_scale, rng) for _ in "12"]
         for _ in range(self.local_number):
             crops.append(random_resized_crop(img, self.local_size, self.local_scale, rng))
@@ -415,8 +387,7 @@ class TrainState:
     clip_grad: float = 3.0
     freeze_last_layer: int = 1  # epochs during which the prototypes stay fixed
     amp_dtype: torch.dtype = None  # bf16 or fp16 autocast of the forward passes, or fp32
-    # fp16 only: scales the loss so that small gradients survive; disabled, it does nothing
-    scaler: torch.amp.GradScaler = field(default_factory=partial(GradScaler, enabled=False))
+    scaler: torch.amp.GradScaler = field(default_factory=partial(GradScaler, enabled=False))  # fp16
     it: int = 0  # the global iteration: the schedules' index
 
 def train_step(state, views, epoch):
@@ -438,8 +409,7 @@ def train_step(state, views, epoch):
     if not math.isfinite(loss.item()):
         raise FloatingPointError(f"loss is {loss.item()}: try --precision fp32, a lower --lr "
                                  "or --teacher_temp")
-    # C = m*C + (1-m)*cat([t1, t2]).mean(dim=0): Algorithm 1's last line, made here as official;
-    # nothing below reads C, so the effect is the same. C never holds the batch it centers
+    # C = m*C + (1-m)*cat([t1, t2]).mean(0): Algorithm 1's last line, here as official (same effect)
     state.dino_loss.update_center(teacher_out)
     # loss.backward(); update(gs): AdamW, each gradient clipped to norm <= clip_grad, and the
     # prototypes (last layer) left unchanged during the first epoch(s): stabler
@@ -461,9 +431,8 @@ def train_step(state, views, epoch):
 
 
 # ----------------------------------------------------------------------------------------------
-# 7. Collapse diagnostics and the weighted k-NN (App. F.1). Sec. 5.3 and Fig. 7 define the
-#    teacher's entropy and the KL; the batch-mean entropy, the feature std and the effective
-#    rank are this file's additions.
+# 7. Collapse diagnostics: the teacher's entropy and the KL (Sec. 5.3, Fig. 7), and this file's
+#    batch-mean entropy, feature std, effective rank; the weighted k-NN (App. F.1)
 # ----------------------------------------------------------------------------------------------
 def entropy(p, dim=-1):
     """h(p) = -sum_k p_k log p_k, with 0 log 0 = 0."""
@@ -743,9 +712,8 @@ def download(name, root):
 # 9. Augmentation, device, precision and speed: each choice made only for speed has its figure
 #    in notebooks/RESULTS.md (Performance). None changes the algorithm of Part I.
 # ----------------------------------------------------------------------------------------------
-# Part I's MultiCrop, made fast: batched tensor ops on uint8 crops instead of PIL, 3x faster per
-# worker, and the same code runs on a whole batch on the GPU (--augment_on_device). Hue is a
-# rotation in YIQ space. Two departures from the official images, named where they are made.
+# Part I's MultiCrop made fast: batched tensor ops on uint8 crops, not PIL (3x faster per worker;
+# a whole batch at once on the GPU, --augment_on_device). Two departures, named where made.
 def random_resized_crop(img, size, scale, rng, ratio=(3 / 4, 4 / 3)):
     """RandomResizedCrop's box, as torchvision draws it: a random area (scale) and aspect ratio
     w / h (ratio), 10 tries to fit it in the image; resized to size x size."""
@@ -797,11 +765,11 @@ def to_gray(x):
     """ITU-R 601 luma, as PIL: (n, 3, h, w) -> (n, 1, h, w)."""
     return (x * x.new_tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)).sum(1, keepdim=True)
 
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 RGB_TO_YIQ = torch.tensor([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]])
 
 def color_jitter(x, on, rng):
-    """ColorJitter(brightness 0.4, contrast 0.4, saturation 0.2, hue 0.1) of the crops where
-    `on`: factors b ~ U(0.6, 1.4), c ~ U(0.6, 1.4), s ~ U(0.8, 1.2), a hue shift ~ U(-0.1, 0.1)."""
+    """ColorJitter(0.4, 0.4, 0.2, 0.1) where on: b, c ~ U(0.6, 1.4), s ~ U(0.8, 1.2), hue +-0.1."""
     n = x.shape[0]
     draws = [centre + spread * (2 * torch.rand(n, generator=rng) - 1)
              for centre, spread in ((1, 0.4), (1, 0.4), (1, 0.2), (0, 0.1))]
@@ -826,8 +794,7 @@ def gaussian_blur(x, on, sigma_range, rng):
     """Separable Gaussian blur, sigma ~ U(sigma_range) per crop, of the crops where `on`."""
     lo, hi = sigma_range
     sigma = lo + (hi - lo) * torch.rand(x.shape[0], generator=rng)
-    # the kernel reaches 3 x the largest sigma, but less than the crop's side (reflect padding)
-    r = min(math.ceil(3 * hi), x.shape[-2] - 1, x.shape[-1] - 1)
+    r = min(math.ceil(3 * hi), x.shape[-2] - 1, x.shape[-1] - 1)  # 3 x the largest sigma
     t = torch.arange(-r, r + 1, dtype=torch.float32)
     # k(t) = exp(-t^2 / (2 sigma^2)) / sum, one kernel per blurred crop and channel
     k = torch.exp(-t**2 / (2 * sigma[on, None] ** 2))  # (m, 2r+1)
