@@ -325,7 +325,7 @@ def schedules(args, iters_per_epoch):
 @torch.no_grad()
 def ema_update(teacher, student, momentum):
     """theta_t <- l theta_t + (1 - l) theta_s (Algorithm 1); as official, BatchNorm statistics
-    (buffers) are not averaged: the teacher keeps its own."""
+    (buffers) are not averaged: the teacher's come from its own forward passes."""
     for t, s in zip(teacher.parameters(), student.parameters()):
         t.mul_(momentum).add_(s.detach(), alpha=1 - momentum)
 
@@ -334,11 +334,10 @@ def ema_update(teacher, student, momentum):
 # 5. Multi-crop augmentation (Sec. 3.1, App. E)
 # ----------------------------------------------------------------------------------------------
 # Each image becomes 2 global views (224 px, 40-100% of its area) and L local views (96 px,
-# 5-40%). The teacher sees only the global views, the student all of them: matching a local
-# view to a global one teaches "local-to-global" correspondence. Each crop is then flipped,
-# colour-jittered, turned gray, blurred and solarized, each with the probability of its view;
-# the global views as in BYOL (Grill et al. 2020): view 1 always blurred, view 2 blurred at 0.1
-# and solarized at 0.2, so the two differ in their distortions, not only their crops.
+# 5-40%). The teacher sees the global views, the student all: matching a local view to a global
+# one teaches "local-to-global" correspondence. Each crop is flipped, jittered, grayed, blurred,
+# solarized with its view's probabilities. The global views follow BYOL (Grill et al. 2020): view
+# 1 always blurred, view 2 blurred at 0.1 and solarized at 0.2, so the two differ beyond crops.
 VIEWS = {  #     flip  jitter  gray  blur  solarize          (official DataAugmentationDINO)
     "global 1": (0.5, 0.8, 0.2, 1.0, 0.0),
     "global 2": (0.5, 0.8, 0.2, 0.1, 0.2),
@@ -377,8 +376,7 @@ def clip_gradients(model, clip):
 
 @dataclass
 class TrainState:
-    """What one step reads and changes. Part II may wrap the networks (DistributedDataParallel,
-    torch.compile); they keep the same parameters."""
+    """What one step reads and changes; Part II may wrap the networks (DDP, torch.compile)."""
     student: nn.Module  # g_s
     teacher: nn.Module  # g_t = make_teacher(g_s)
     dino_loss: DINOLoss  # holds the center C
