@@ -7,12 +7,11 @@ r"""DINO in one file: "Emerging Properties in Self-Supervised Vision Transformer
     torchrun --nproc_per_node=4 dino_minimal.py --data ./imagenette
 
 Part I is all of DINO, each piece before its first use: backbone, head, loss, what Algorithm 1
-starts from, the views, the training step (Section 6: start there for the top-down view), the
-diagnostics. Part II runs it: data, the loop, checkpoints, augmentation batched for speed,
-precision, presets, the command line. Departures from the paper and the official code
-(facebookresearch/dino), and why: README.md, each also named where made. Algorithm 1, by name:
+starts from, the views, the training step (Section 6: the top-down view starts there), the
+diagnostics. Part II runs it: data, loop, checkpoints, batched augmentation, precision, presets,
+command line. Departures from the paper and official code: named where made; why: README.md.
 
-    paper        meaning                              here
+    Algorithm 1  meaning                              here
     gs, gt       student and teacher networks         MultiCropNet(f, DINOHead), make_teacher()
     tps, tpt     student and teacher temperatures     DINOLoss.student_temp, Schedules.teacher_temp
     C            the center, a (1, K) buffer          DINOLoss.center, DINOLoss.update_center()
@@ -24,8 +23,8 @@ precision, presets, the command line. Departures from the paper and the official
                  multi-crop (Eq. 3) draws 2 + L       once, each as VIEWS says
 
 Shapes: B images, V = 2 + L views, N patches (1 + N tokens), D width, K prototypes (--out_dim).
-Multi-crop outputs are *view-major*: rows [v*B:(v+1)*B] of a (V*B, ...) tensor are view v, so row
-b of every view comes from image b. The official code relies on this without a word.
+Multi-crop outputs are *view-major*: rows [v*B:(v+1)*B] of a (V*B, ...) tensor are view v, so
+row b of every view comes from image b (the official code relies on it without a word).
 """
 import argparse
 import copy
@@ -112,7 +111,6 @@ class Block(nn.Module):
         super().__init__()
         self.norm1, self.attn = nn.LayerNorm(dim, eps=1e-6), Attention(dim, heads)
         self.norm2 = nn.LayerNorm(dim, eps=1e-6)
-        # named fc1, act, fc2 as the official Mlp, so that the released weights load
         self.mlp = nn.Sequential(OrderedDict(fc1=nn.Linear(dim, 4 * dim), act=nn.GELU(),
                                              fc2=nn.Linear(4 * dim, dim)))
         self.drop_path_rate = drop_path_rate
@@ -215,8 +213,7 @@ class DINOHead(nn.Module):
         return self.last_layer(x)  # (n, K)
 
 class MultiCropNet(nn.Module):
-    """g = head o backbone over a list of views: one backbone call per run of same-size views.
-    It returns the backbone's features too: the teacher's feed the collapse diagnostics."""
+    """g = head o backbone over the views, one backbone call per size; features for diagnostics."""
 
     def __init__(self, backbone, head):
         super().__init__()
@@ -362,7 +359,7 @@ class MultiCrop:
             crops.append(random_resized_crop(img, self.local_size, self.local_scale, rng))
         if not photometric:
             return crops
-        return [v[0] for v in augment([c[None] for c in crops], self.blur_sigma, rng)]
+        return [v[0] for v in finish_views([c[None] for c in crops], self.blur_sigma, rng)]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -707,11 +704,10 @@ def download(name, root):
     return str(root)
 
 # ----------------------------------------------------------------------------------------------
-# 9. Augmentation, device, precision and speed: each choice made only for speed has its figure
-#    in notebooks/RESULTS.md (Performance). None changes the algorithm of Part I.
+# 9. Speed: Part I's augmentation in batched tensor ops on uint8 crops, not PIL (3x faster per
+#    worker; a whole batch on the GPU), device, precision; their figures: notebooks/RESULTS.md
+#    (Performance). None changes Part I's algorithm but two departures, named at their lines.
 # ----------------------------------------------------------------------------------------------
-# Part I's MultiCrop made fast: batched tensor ops on uint8 crops, not PIL (3x faster per worker;
-# a whole batch at once on the GPU, --augment_on_device). Two departures, named where made.
 def random_resized_crop(img, size, scale, rng, ratio=(3 / 4, 4 / 3)):
     """RandomResizedCrop's box, as torchvision draws it: a random area (scale) and aspect ratio
     w / h (ratio), 10 tries to fit it in the image; resized to size x size."""
@@ -731,8 +727,8 @@ def random_resized_crop(img, size, scale, rng, ratio=(3 / 4, 4 / 3)):
     # a departure: bilinear resize (antialiased); the official RandomResizedCrop is bicubic
     return F.interpolate(crop, size=(size, size), mode="bilinear", antialias=True)[0]
 
-def augment(views, blur_sigma, rng):
-    """The photometric half of augment(x) on V views, each (n, 3, h, w) uint8 with its view's
+def finish_views(views, blur_sigma, rng):
+    """The photometric half and normalization of V views, each (n, 3, h, w) uint8, with its view's
     probabilities: one batched call per crop size (n = 1 in a worker, n = B on the GPU)."""
     n, out = views[0].shape[0], []
     names = ["global 1", "global 2"] + ["local"] * (len(views) - 2)
@@ -768,8 +764,7 @@ RGB_TO_YIQ = torch.tensor([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.21
 
 def color_jitter(x, on, rng):
     """ColorJitter(0.4, 0.4, 0.2, 0.1) where on: b, c ~ U(0.6, 1.4), s ~ U(0.8, 1.2), hue +-0.1."""
-    n = x.shape[0]
-    draws = [centre + spread * (2 * torch.rand(n, generator=rng) - 1)
+    draws = [centre + spread * (2 * torch.rand(len(x), generator=rng) - 1)
              for centre, spread in ((1, 0.4), (1, 0.4), (1, 0.2), (0, 0.1))]
     b, c, s = (d[on].view(-1, 1, 1, 1).to(x.device) for d in draws[:3])  # (m, 1, 1, 1)
     theta = 2 * math.pi * draws[3][on]  # (m,)
@@ -972,7 +967,7 @@ def to_device(views, args, device, it):
     if not args.augment_on_device:
         return views
     rng = torch.Generator().manual_seed(seed_for(args.seed, it, rank()))
-    return augment(views, args.blur_sigma, rng)
+    return finish_views(views, args.blur_sigma, rng)
 
 class Run:
     """What the loop needs besides the TrainState: the data, where to write, when to stop.
