@@ -143,8 +143,9 @@ class VisionTransformer(nn.Module):
         if (h, w) == (n0, n0):
             return self.pos_embed
         grid = self.pos_embed[:, 1:].reshape(1, n0, n0, -1).permute(0, 3, 1, 2)  # (1, D, n0, n0)
-        # by the factor (h + 0.1) / n0 as official (dino #8): a 96-px view gets 6 x 6 of the 14 x 14
-        # table, sampled 14/6.1 apart, not 14/6 as size=(6, 6) would: the released weights' points
+        # by the factor (h + 0.1) / n0, as official (dino #8): for a 96-px view the 14 x 14 table
+        # becomes 6 x 6, read at points 14/6.1 patches apart, not 14/6 as with size=(6, 6); the
+        # released weights were trained with those points
         scale = ((h + 0.1) / n0, (w + 0.1) / n0)
         grid = F.interpolate(grid, scale_factor=scale, mode="bicubic")  # (1, D, h, w)
         grid = grid.flatten(2).transpose(1, 2)  # (1, h*w, D)
