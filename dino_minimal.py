@@ -6,26 +6,25 @@ r"""DINO in one file: "Emerging Properties in Self-Supervised Vision Transformer
     python dino_minimal.py --data ./imagenette --download  # one CUDA GPU, the paper's recipe
     torchrun --nproc_per_node=4 dino_minimal.py --data ./imagenette
 
-Part I is DINO itself, in the paper's order; a reader who stops at its end has all of it.
-Part II is what it takes to run it: data, the loop, checkpoints, precision and speed, presets,
-the command line. Algorithm 1 of the paper, name by name:
+Part I is all of DINO, each piece before its first use: backbone, head, loss, what Algorithm 1
+starts from, the views, the training step (Section 6: the top-down view starts there), the
+diagnostics. Part II runs it: data, loop, checkpoints, batched augmentation, precision, presets,
+command line. Departures from the paper and official code: named where made; why: README.md.
 
-    paper        meaning                              here
-    gs, gt       student and teacher networks         MultiCropNet(VisionTransformer, DINOHead);
-                                                      a ResNet in place of the ViT: --arch
+    Algorithm 1  meaning                              here
+    gs, gt       student and teacher networks         MultiCropNet(f, DINOHead), make_teacher()
     tps, tpt     student and teacher temperatures     DINOLoss.student_temp, Schedules.teacher_temp
     C            the center, a (1, K) buffer          DINOLoss.center, DINOLoss.update_center()
     H(t, s)      cross-entropy -sum t log s           DINOLoss.forward()
+    update(gs)   a step of the student's optimizer    make_optimizer(), in train_step()
     l            teacher momentum, 0.996 -> 1         Schedules.momentum, ema_update()
     m            center momentum, 0.9                 DINOLoss.center_momentum
-    augment(x)   2 global + L local views             MultiCrop, augment(), VIEWS
+    augment(x)   one random view of x, drawn twice;   MultiCrop() draws all V views of x at
+                 multi-crop (Eq. 3) draws 2 + L       once, each as VIEWS says
 
-Shapes: B images, V = 2 + L views, N tokens, D width, K prototypes (--out_dim). Multi-crop
-outputs are *view-major*: rows [v*B:(v+1)*B] of a (V*B, ...) tensor are view v, so row b of
-every view comes from image b. The official code relies on this without a word.
-
-Where this file departs from the paper and the official code (facebookresearch/dino), and why,
-is listed once, in README.md; each departure is also named where it is made.
+Shapes: B images, V = 2 + L views, N patches (1 + N tokens), D width, K prototypes (--out_dim).
+Multi-crop outputs are *view-major*: rows [v*B:(v+1)*B] of a (V*B, ...) tensor are view v, so
+row b of every view comes from image b (the official code relies on it without a word).
 """
 import argparse
 import copy
@@ -35,7 +34,7 @@ import os
 import signal
 import sys
 import time
-from collections import Counter
+from collections import Counter, OrderedDict, namedtuple
 from dataclasses import dataclass, field
 from functools import partial
 from itertools import groupby, product
@@ -53,15 +52,13 @@ from torch.nn.utils.parametrizations import weight_norm
 from torchvision.models.resnet import BasicBlock, Bottleneck
 from torchvision.transforms.functional import pil_to_tensor
 
-IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
-
 # ==============================================================================================
 #                                       PART I: DINO
 # ==============================================================================================
 
 # ----------------------------------------------------------------------------------------------
-# 1. The backbone f: a Vision Transformer (Sec. 3.2; Dosovitskiy et al. 2021), or a ResNet. The
-#    ViT's module names are the official ones, so the released DINO weights load.
+# 1. The backbone f: a Vision Transformer (Sec. 3.2; Dosovitskiy et al. 2021) or a ResNet. ARCHS:
+#    (width D, blocks, heads); module names as official, so the released DINO weights load.
 # ----------------------------------------------------------------------------------------------
 ARCHS = {"vit_tiny": (192, 12, 3), "vit_small": (384, 12, 6), "vit_base": (768, 12, 12)}
 
@@ -81,7 +78,7 @@ def drop_path(x, p, training):
     return x * keep / (1 - p)
 
 class Attention(nn.Module):
-    """Multi-head self-attention: h heads of width d = D / h, each softmax(Q K^T / sqrt(d)) V."""
+    """Self-attention over T = 1 + N tokens, h heads of width d = D/h: softmax(q k^T/sqrt(d)) v."""
 
     def __init__(self, dim, heads):
         super().__init__()
@@ -90,21 +87,21 @@ class Attention(nn.Module):
         self.proj = nn.Linear(dim, dim)
 
     def forward(self, x, return_attention=False):
-        B, N, D = x.shape
-        qkv = self.qkv(x).view(B, N, 3, self.heads, D // self.heads)
-        q, k, v = qkv.permute(2, 0, 3, 1, 4)  # 3 x (B, h, N, d)
+        B, T, D = x.shape
+        qkv = self.qkv(x).view(B, T, 3, self.heads, D // self.heads)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4)  # 3 x (B, h, T, d)
         if return_attention:
-            return self.weights(q, k)  # (B, h, N, N): the maps of Fig. 1 and 3
-        x = self.attend(q, k, v)  # (B, h, N, d)
-        return self.proj(x.transpose(1, 2).reshape(B, N, D))  # (B, N, D)
+            return self.weights(q, k)  # (B, h, T, T): the maps of Fig. 1 and 3
+        x = self.attend(q, k, v)  # (B, h, T, d)
+        return self.proj(x.transpose(1, 2).reshape(B, T, D))  # (B, T, D)
 
     def weights(self, q, k):
-        # A = softmax(Q K^T / sqrt(d)), the softmax in fp32 as under CUDA autocast
-        scores = q @ k.transpose(-2, -1) * q.shape[-1] ** -0.5  # (B, h, N, N)
+        # A = softmax(q k^T / sqrt(d)), the softmax in fp32 as under CUDA autocast
+        scores = q @ k.transpose(-2, -1) * q.shape[-1] ** -0.5  # (B, h, T, T)
         return scores.softmax(-1, dtype=torch.float32)
 
     def attend(self, q, k, v):
-        # softmax(Q K^T / sqrt(d)) V; Part II may swap in one fused kernel (FusedAttention)
+        # A v; Part II may swap in one fused kernel (FusedAttention)
         return self.weights(q, k).to(v.dtype) @ v
 
 class Block(nn.Module):
@@ -114,9 +111,8 @@ class Block(nn.Module):
         super().__init__()
         self.norm1, self.attn = nn.LayerNorm(dim, eps=1e-6), Attention(dim, heads)
         self.norm2 = nn.LayerNorm(dim, eps=1e-6)
-        self.mlp = nn.Sequential()  # named fc1, act, fc2 as the official Mlp
-        self.mlp.fc1, self.mlp.act = nn.Linear(dim, 4 * dim), nn.GELU()
-        self.mlp.fc2 = nn.Linear(4 * dim, dim)
+        self.mlp = nn.Sequential(OrderedDict(fc1=nn.Linear(dim, 4 * dim), act=nn.GELU(),
+                                             fc2=nn.Linear(4 * dim, dim)))
         self.drop_path_rate = drop_path_rate
 
     def forward(self, x):
@@ -134,8 +130,7 @@ class VisionTransformer(nn.Module):
         self.patch_embed.proj = nn.Conv2d(3, dim, kernel_size=patch_size, stride=patch_size)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
         self.pos_embed = nn.Parameter(torch.zeros(1, 1 + (img_size // patch_size) ** 2, dim))
-        # stochastic depth grows linearly with depth, from 0 in the first block
-        rates = torch.linspace(0, drop_path_rate, depth).tolist()
+        rates = torch.linspace(0, drop_path_rate, depth).tolist()  # drop-path, linear from 0
         self.blocks = nn.ModuleList(Block(dim, heads, r) for r in rates)
         self.norm = nn.LayerNorm(dim, eps=1e-6)
         nn.init.trunc_normal_(self.pos_embed, std=0.02)
@@ -143,13 +138,14 @@ class VisionTransformer(nn.Module):
         self.apply(init_linear)
 
     def interpolate_pos_encoding(self, h, w):
-        """Bicubic resize of the patch position embeddings to an (h, w) grid (local crops)."""
+        """Bicubic resize of the patch position embeddings to an (h, w) grid (local views)."""
         n0 = math.isqrt(self.pos_embed.shape[1] - 1)
         if (h, w) == (n0, n0):
             return self.pos_embed
         grid = self.pos_embed[:, 1:].reshape(1, n0, n0, -1).permute(0, 3, 1, 2)  # (1, D, n0, n0)
-        # by a scale factor with a 0.1 offset, exactly as the official code (dino issue #8): the
-        # released weights were trained with it, and a target size samples other points
+        # by the factor (h + 0.1) / n0, as official (dino #8): for a 96-px view the 14 x 14 table
+        # becomes 6 x 6, read at points 14/6.1 patches apart, not 14/6 as with size=(6, 6); the
+        # released weights were trained with those points
         scale = ((h + 0.1) / n0, (w + 0.1) / n0)
         grid = F.interpolate(grid, scale_factor=scale, mode="bicubic")  # (1, D, h, w)
         grid = grid.flatten(2).transpose(1, 2)  # (1, h*w, D)
@@ -171,7 +167,7 @@ class VisionTransformer(nn.Module):
 
     @torch.no_grad()
     def get_last_selfattention(self, x):
-        """The last block's attention, (B, heads, 1+N, 1+N); row 0 is the CLS query (Fig. 1)."""
+        """The last block's attention, (B, h, 1+N, 1+N); row 0 is the CLS query (Fig. 1)."""
         x = self.prepare_tokens(x)
         for block in self.blocks[:-1]:
             x = block(x)
@@ -180,9 +176,8 @@ class VisionTransformer(nn.Module):
 RESNETS = {"resnet18": (BasicBlock, [2, 2, 2, 2]), "resnet50": (Bottleneck, [3, 4, 6, 3])}
 
 class ResNet(torchvision.models.ResNet):
-    """The paper's framework takes "a ViT or a ResNet" as f (Sec. 3.1, Table 2): torchvision's
-    resnet18 or resnet50, randomly initialized, without its classifier: f(x) is the globally
-    average-pooled feature of the last stage, (B, 512) or (B, 2048)."""
+    """f may be "a ViT or a ResNet" (Sec. 3.1, Table 2): torchvision's resnet18 or resnet50, no
+    classifier; f(x) is the average-pooled feature of the last stage, (B, 512) or (B, 2048)."""
 
     def __init__(self, arch):
         super().__init__(*RESNETS[arch])  # torchvision's block and blocks per stage
@@ -201,13 +196,13 @@ class DINOHead(nn.Module):
     def __init__(self, in_dim, out_dim, hidden=2048, bottleneck=256, norm_last_layer=True,
                  use_bn=False):
         super().__init__()
-        layers = [nn.Linear(in_dim, hidden), nn.GELU(), nn.Linear(hidden, hidden), nn.GELU()]
-        if use_bn:  # the official --use_bn_in_head: BatchNorm after each hidden Linear
-            layers.insert(3, nn.BatchNorm1d(hidden))
-            layers.insert(1, nn.BatchNorm1d(hidden))
-        self.mlp = nn.Sequential(*layers, nn.Linear(hidden, bottleneck))
+        layers = [nn.Linear(in_dim, hidden), nn.BatchNorm1d(hidden), nn.GELU(),
+                  nn.Linear(hidden, hidden), nn.BatchNorm1d(hidden), nn.GELU(),
+                  nn.Linear(hidden, bottleneck)]
+        # the BatchNorms only with the official --use_bn_in_head; the kept ones named 0, 1, ...
+        self.mlp = nn.Sequential(*(m for m in layers if use_bn or type(m) is not nn.BatchNorm1d))
         self.mlp.apply(init_linear)
-        # W = g V / ||V|| per row; with g fixed to 1 (norm_last_layer) every logit is a cosine
+        # W = g v / ||v|| per row; with g fixed to 1 (norm_last_layer) every logit is a cosine
         # in [-1, 1] between the bottleneck vector and one of the K prototypes
         self.last_layer = weight_norm(nn.Linear(bottleneck, out_dim, bias=False))
         gain = self.last_layer.parametrizations.weight.original0  # g, (K, 1)
@@ -219,7 +214,7 @@ class DINOHead(nn.Module):
         return self.last_layer(x)  # (n, K)
 
 class MultiCropNet(nn.Module):
-    """g = head o backbone over a list of views: one backbone call per run of same-size views."""
+    """g = head o backbone over the views, one backbone call per size; features for diagnostics."""
 
     def __init__(self, backbone, head):
         super().__init__()
@@ -256,7 +251,7 @@ class DINOLoss(nn.Module):
         # H(P_t(x), P_s(x')) = -sum_k P_t(x)_k log P_s(x')_k, averaged over the batch,
         # for every teacher view t and student view v at once
         ce = -torch.einsum("tbk,vbk->tv", pt, log_ps) / B  # (2, V)
-        # sum over x in {x1g, x2g} and x' in V with x' != x: 2V - 2 pairs, never the same view
+        # Eq. 3 sums over x in {x1g, x2g} and x' != x, 2V - 2 pairs; here their mean, as official
         pairs = ~torch.eye(2, V, dtype=torch.bool, device=ce.device)
         return ce[pairs].mean(), pt
 
@@ -272,8 +267,31 @@ class DINOLoss(nn.Module):
 
 
 # ----------------------------------------------------------------------------------------------
-# 4. Schedules and the EMA teacher (Sec. 3.1, 5.2; App. B)
+# 4. What Algorithm 1 starts from: teacher, optimizer, schedules (Sec. 3.1, App. B); the EMA
 # ----------------------------------------------------------------------------------------------
+def make_teacher(student):
+    """gt: a copy of gs (the same initial weights, no storage shared), never given gradients."""
+    teacher = copy.deepcopy(student).eval().requires_grad_(False)  # eval(): no drop-path
+    for m in teacher.modules():  # but, as official, its BatchNorms use the batch's statistics
+        if isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d, nn.SyncBatchNorm)):
+            m.train()
+    return teacher
+
+def param_groups(model):
+    """Weight decay on weights only: not on biases and 1-D parameters (norms); the official
+    rule, so pos_embed and cls_token are decayed. Group 0 receives the wd schedule."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (no_decay if name.endswith(".bias") or p.ndim == 1 else decay).append(p)
+    return [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+def make_optimizer(student, name="adamw", **speed):
+    """update(gs): AdamW as official for a ViT, SGD (momentum 0.9) for a convnet."""
+    if name == "sgd":  # lr (and weight decay): set by every step from the schedules
+        return torch.optim.SGD(param_groups(student), lr=0.0, momentum=0.9)
+    return torch.optim.AdamW(param_groups(student), lr=0.0, **speed)
+
 def cosine_schedule(base, final, epochs, iters_per_epoch, warmup_epochs=0, warmup_start=0.0):
     """One value per iteration: a linear warmup to base, then a cosine from base to final."""
     n = warmup_epochs * iters_per_epoch
@@ -285,21 +303,27 @@ def cosine_schedule(base, final, epochs, iters_per_epoch, warmup_epochs=0, warmu
     cosine = final + 0.5 * (base - final) * (1 + torch.cos(math.pi * t))
     return torch.cat([warmup, cosine]).tolist()
 
-@dataclass
-class Schedules:
-    """lr, weight decay and teacher momentum per iteration; teacher temperature per epoch."""
-    lr: list
-    wd: list
-    momentum: list  # lambda, 0.996 -> 1 (official)
-    teacher_temp: list  # tau_t: linear warmup (paper 0.04 -> 0.07 over 30 epochs), then constant
+Schedules = namedtuple("Schedules", "lr wd momentum teacher_temp")  # per iteration; tau_t per epoch
 
-def teacher_temp_schedule(start, final, warmup_epochs, epochs):
-    warmup = torch.linspace(start, final, min(warmup_epochs, epochs), dtype=torch.float64)
-    return warmup.tolist() + [final] * (epochs - len(warmup))
+def schedules(args, iters_per_epoch):
+    """Sec. 3.1 and App. B, from the flags (named as official); B is the global batch."""
+    E, n, B = args.epochs, iters_per_epoch, args.batch_size_per_gpu * world_size()
+    # tau_t: the paper's rises linearly from 0.04 to 0.07 over 30 epochs (official: stays 0.04)
+    tau = torch.linspace(args.warmup_teacher_temp, args.teacher_temp,
+                         min(args.warmup_teacher_temp_epochs, E), dtype=torch.float64).tolist()
+    return Schedules(
+        # lr: a linear warmup from 0 to 0.0005 x B / 256 over 10 epochs, then a cosine to 1e-6
+        lr=cosine_schedule(args.lr * B / 256, args.min_lr, E, n, args.warmup_epochs),
+        # weight decay: a cosine from 0.04 up to 0.4
+        wd=cosine_schedule(args.weight_decay, args.weight_decay_end, E, n),
+        # l, the teacher's momentum: a cosine from 0.996 up to 1, where the teacher stops moving
+        momentum=cosine_schedule(args.momentum_teacher, args.momentum_teacher_end, E, n),
+        teacher_temp=tau + [args.teacher_temp] * (E - len(tau)))
 
 @torch.no_grad()
 def ema_update(teacher, student, momentum):
-    """theta_t <- lambda theta_t + (1 - lambda) theta_s (Algorithm 1), parameters only."""
+    """theta_t <- l theta_t + (1 - l) theta_s (Algorithm 1); as official, BatchNorm statistics
+    (buffers) are not averaged: the teacher's come from its own forward passes."""
     for t, s in zip(teacher.parameters(), student.parameters()):
         t.mul_(momentum).add_(s.detach(), alpha=1 - momentum)
 
@@ -308,11 +332,10 @@ def ema_update(teacher, student, momentum):
 # 5. Multi-crop augmentation (Sec. 3.1, App. E)
 # ----------------------------------------------------------------------------------------------
 # Each image becomes 2 global views (224 px, 40-100% of its area) and L local views (96 px,
-# 5-40%). The teacher sees only the global views, the student all of them: matching a local
-# view to a global one teaches "local-to-global" correspondence. Each crop is then flipped,
-# colour-jittered, turned gray, blurred and solarized, each with the probability of its view.
-# (A departure: batched tensor ops on uint8 crops instead of PIL, 3x faster per worker, and
-# the same code runs on a whole batch on the GPU; hue is a rotation in YIQ space.)
+# 5-40%). The teacher sees the global views, the student all: matching a local view to a global
+# one teaches "local-to-global" correspondence. Each crop is flipped, jittered, grayed, blurred,
+# solarized with its view's probabilities. The global views follow BYOL (Grill et al. 2020): view
+# 1 always blurred, view 2 blurred at 0.1 and solarized at 0.2, so the two differ beyond crops.
 VIEWS = {  #     flip  jitter  gray  blur  solarize          (official DataAugmentationDINO)
     "global 1": (0.5, 0.8, 0.2, 1.0, 0.0),
     "global 2": (0.5, 0.8, 0.2, 0.1, 0.2),
@@ -321,7 +344,7 @@ VIEWS = {  #     flip  jitter  gray  blur  solarize          (official DataAugme
 
 @dataclass
 class MultiCrop:
-    """Algorithm 1's augment(x); the defaults are the official ones."""
+    """The V views of Eq. 3, each a draw of Algorithm 1's augment(x); official defaults."""
     global_size: int = 224
     local_size: int = 96
     global_scale: tuple = (0.4, 1.0)
@@ -330,126 +353,19 @@ class MultiCrop:
     blur_sigma: tuple = (0.1, 2.0)
 
     def __call__(self, img, rng, photometric=True):
-        """(3, H, W) uint8 -> [g1, g2, l1, ..., lL], each (3, h, w); without the photometric
-        half, the uint8 crops only (it then runs batched on the device: augment())."""
+        """(3, H, W) uint8 -> [g1, g2, l1, ..., lL], each (3, h, w); photometric=False: the uint8
+        crops only. The functions called are in Part II: Python finds a name when a call runs."""
         crops = [random_resized_crop(img, self.global_size, self.global_scale, rng) for _ in "12"]
         for _ in range(self.local_number):
             crops.append(random_resized_crop(img, self.local_size, self.local_scale, rng))
         if not photometric:
             return crops
-        return [v[0] for v in augment([c[None] for c in crops], self.blur_sigma, rng)]
-
-def random_resized_crop(img, size, scale, rng, ratio=(3 / 4, 4 / 3)):
-    """torchvision's RandomResizedCrop: a box of random area and aspect ratio (10 tries, then
-    a centre crop with the ratio clamped), resized to size x size."""
-    _, H, W = img.shape
-    for _ in range(10):
-        u = torch.rand(4, generator=rng).tolist()
-        area = H * W * (scale[0] + (scale[1] - scale[0]) * u[0])
-        r = math.exp(math.log(ratio[0]) + (math.log(ratio[1]) - math.log(ratio[0])) * u[1])
-        w, h = round(math.sqrt(area * r)), round(math.sqrt(area / r))
-        if 0 < w <= W and 0 < h <= H:
-            i, j = int(u[2] * (H - h + 1)), int(u[3] * (W - w + 1))
-            break
-    else:
-        w, h = min(W, round(H * ratio[1])), min(H, round(W / ratio[0]))
-        i, j = (H - h) // 2, (W - w) // 2
-    crop = img[None, :, i:i + h, j:j + w]  # (1, 3, h, w) uint8
-    return F.interpolate(crop, size=(size, size), mode="bilinear", antialias=True)[0]
-
-def augment(views, blur_sigma, rng):
-    """The photometric half of augment(x) on V views, each (n, 3, h, w) uint8 with its view's
-    probabilities: one batched call per crop size (n = 1 in a worker, n = B on the GPU)."""
-    n, out = views[0].shape[0], []
-    names = ["global 1", "global 2"] + ["local"] * (len(views) - 2)
-    for first, last in ((0, 2), (2, len(views))):  # the global views, then the local ones
-        if last > first:
-            p = torch.tensor([VIEWS[name] for name in names[first:last]]).repeat_interleave(n, 0)
-            x = photometric(torch.cat(views[first:last]), p, blur_sigma, rng)  # (m*n, 3, h, w)
-            out += normalize(x).split(n)
-    return out  # V tensors (n, 3, h, w), float, normalized
-
-def photometric(x, p, blur_sigma, rng):
-    """Flip, jitter, grayscale, blur, solarize: x (n, 3, h, w) uint8 -> float in [0, 1]; p (n, 5)
-    the probabilities of each crop's view. Draws come from the CPU generator rng."""
-    coin = torch.rand(p.shape, generator=rng) < p  # (n, 5) which crop gets what
-    x = where(coin[:, 0], x.float() / 255, lambda c: c.flip(-1))
-    x = color_jitter(x, coin[:, 1], rng)
-    x = where(coin[:, 2], x, lambda c: to_gray(c).expand_as(c))
-    x = gaussian_blur(x, coin[:, 3], blur_sigma, rng)
-    # solarize as PIL: invert the pixels at or above the threshold 128
-    return where(coin[:, 4], x, lambda c: torch.where(c >= 128 / 255, 1 - c, c))
-
-def where(on, x, fn):
-    """fn applied to the crops where `on` (n,) only; most augmentations touch a few crops."""
-    idx = on.nonzero().squeeze(1).to(x.device)
-    return x.index_copy(0, idx, fn(x[idx])) if len(idx) else x
-
-def to_gray(x):
-    """ITU-R 601 luma, as PIL: (n, 3, h, w) -> (n, 1, h, w)."""
-    return (x * x.new_tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)).sum(1, keepdim=True)
-
-RGB_TO_YIQ = torch.tensor([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]])
-
-def color_jitter(x, on, rng):
-    """ColorJitter(brightness 0.4, contrast 0.4, saturation 0.2, hue 0.1) of the crops where
-    `on`: factors b ~ U(0.6, 1.4), c ~ U(0.6, 1.4), s ~ U(0.8, 1.2), a hue shift ~ U(-0.1, 0.1)."""
-    n = x.shape[0]
-    draws = [centre + spread * (2 * torch.rand(n, generator=rng) - 1)
-             for centre, spread in ((1, 0.4), (1, 0.4), (1, 0.2), (0, 0.1))]
-    b, c, s = (d[on].view(-1, 1, 1, 1).to(x.device) for d in draws[:3])  # (m, 1, 1, 1)
-    theta = 2 * math.pi * draws[3][on]  # (m,)
-
-    def jitter(x):  # (m, 3, h, w): the crops where on
-        x = (b * x).clamp(0, 1)  # brightness: a blend with black
-        x = (c * x + (1 - c) * to_gray(x).mean((1, 2, 3), keepdim=True)).clamp(0, 1)  # contrast
-        x = (s * x + (1 - s) * to_gray(x)).clamp(0, 1)  # saturation: a blend with the gray image
-        # hue: x <- T^-1 R(theta) T x, a rotation of the chroma plane (I, Q) of YIQ
-        R = torch.zeros(len(theta), 3, 3)
-        R[:, 0, 0], R[:, 1, 1], R[:, 2, 2] = 1, theta.cos(), theta.cos()
-        R[:, 1, 2], R[:, 2, 1] = -theta.sin(), theta.sin()
-        M = torch.linalg.inv(RGB_TO_YIQ) @ R @ RGB_TO_YIQ  # (m, 3, 3)
-        return torch.einsum("nij,njhw->nihw", M.to(x.device), x).clamp(0, 1)
-
-    return where(on, x, jitter)
-
-def gaussian_blur(x, on, sigma_range, rng):
-    """Separable Gaussian blur, sigma ~ U(sigma_range) per crop, of the crops where `on`."""
-    lo, hi = sigma_range
-    sigma = lo + (hi - lo) * torch.rand(x.shape[0], generator=rng)
-    r = min(math.ceil(3 * hi), x.shape[-2] - 1, x.shape[-1] - 1)  # the kernel covers 3 sigma
-    t = torch.arange(-r, r + 1, dtype=torch.float32)
-    # k(t) = exp(-t^2 / (2 sigma^2)) / sum, one kernel per blurred crop and channel
-    k = torch.exp(-t**2 / (2 * sigma[on, None] ** 2))  # (m, 2r+1)
-    k = (k / k.sum(1, keepdim=True)).repeat_interleave(3, 0).to(x.device)  # (3m, 2r+1)
-
-    def blur(c):  # (m, 3, h, w) -> the same, blurred along rows, then columns
-        m, _, h, w = c.shape
-        y = F.pad(c.reshape(1, 3 * m, h, w), (r, r, 0, 0), mode="reflect")
-        y = F.conv2d(y, k.view(3 * m, 1, 1, -1), groups=3 * m)
-        y = F.pad(y, (0, 0, r, r), mode="reflect")
-        return F.conv2d(y, k.view(3 * m, 1, -1, 1), groups=3 * m).view(m, 3, h, w)
-
-    return where(on, x, blur)
-
-def normalize(x):
-    """ImageNet mean and std per channel, as the official ToTensor + Normalize."""
-    mean, std = x.new_tensor(IMAGENET_MEAN), x.new_tensor(IMAGENET_STD)
-    return (x - mean.view(-1, 3, 1, 1)) / std.view(-1, 3, 1, 1)
+        return [v[0] for v in finish_views([c[None] for c in crops], self.blur_sigma, rng)]
 
 
 # ----------------------------------------------------------------------------------------------
 # 6. One training step (Algorithm 1, in the official order)
 # ----------------------------------------------------------------------------------------------
-def param_groups(model):
-    """Weight decay on weights only: not on biases and 1-D parameters (norms); the official
-    rule, so pos_embed and cls_token are decayed. Group 0 receives the wd schedule."""
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        if p.requires_grad:
-            (no_decay if name.endswith(".bias") or p.ndim == 1 else decay).append(p)
-    return [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}]
-
 def clip_gradients(model, clip):
     """Per-parameter clipping, as official: each gradient alone is scaled to norm <= clip."""
     for p in model.parameters():
@@ -458,18 +374,16 @@ def clip_gradients(model, clip):
 
 @dataclass
 class TrainState:
-    """What one step reads and changes. Part II may wrap the networks (DistributedDataParallel,
-    torch.compile); they keep the same parameters."""
+    """What one step reads and changes; Part II may wrap the networks (DDP, torch.compile)."""
     student: nn.Module  # g_s
-    teacher: nn.Module  # g_t: an independent copy of the student, never given gradients
+    teacher: nn.Module  # g_t = make_teacher(g_s)
     dino_loss: DINOLoss  # holds the center C
-    optimizer: torch.optim.Optimizer  # AdamW (SGD for a convnet) over param_groups(student)
-    schedules: Schedules
+    optimizer: torch.optim.Optimizer  # make_optimizer(g_s)
+    schedules: Schedules  # schedules(args, ...)
     clip_grad: float = 3.0
     freeze_last_layer: int = 1  # epochs during which the prototypes stay fixed
     amp_dtype: torch.dtype = None  # bf16 or fp16 autocast of the forward passes, or fp32
-    # fp16 only: scales the loss so that small gradients survive; disabled, it does nothing
-    scaler: torch.amp.GradScaler = field(default_factory=partial(GradScaler, enabled=False))
+    scaler: torch.amp.GradScaler = field(default_factory=partial(GradScaler, enabled=False))  # fp16
     it: int = 0  # the global iteration: the schedules' index
 
 def train_step(state, views, epoch):
@@ -485,27 +399,27 @@ def train_step(state, views, epoch):
     with torch.autocast(views[0].device.type, dtype=dtype, enabled=dtype is not None):
         teacher_feats, teacher_out = state.teacher(views[:2])
         _, student_out = state.student(views)
-    # loss = H(t1, s2)/2 + H(t2, s1)/2, over every pair of views (Eq. 3), in fp32
+    # Eq. 3, in fp32; Algorithm 1's line when V = 2: loss = H(t1, s2)/2 + H(t2, s1)/2
     tau_t = state.schedules.teacher_temp[epoch]
     loss, teacher_probs = state.dino_loss(student_out, teacher_out, tau_t)
     if not math.isfinite(loss.item()):
         raise FloatingPointError(f"loss is {loss.item()}: try --precision fp32, a lower --lr "
                                  "or --teacher_temp")
-    # C = m*C + (1-m)*cat([t1, t2]).mean(dim=0), after the loss: C never holds its own batch
+    # C = m*C + (1-m)*cat([t1, t2]).mean(0): Algorithm 1's last line, here as official (same effect)
     state.dino_loss.update_center(teacher_out)
     # loss.backward(); update(gs): AdamW, each gradient clipped to norm <= clip_grad, and the
     # prototypes (last layer) left unchanged during the first epoch(s): stabler
     state.optimizer.zero_grad(set_to_none=True)
-    state.scaler.scale(loss).backward()
-    state.scaler.unscale_(state.optimizer)
+    state.scaler.scale(loss).backward()  # loss.backward(), the loss scaled up if fp16
+    state.scaler.unscale_(state.optimizer)  # fp16: the gradients scaled back down
     if state.clip_grad:
         clip_gradients(state.student, state.clip_grad)
     if epoch < state.freeze_last_layer:
         for name, p in state.student.named_parameters():
             if "last_layer" in name:
                 p.grad = None
-    state.scaler.step(state.optimizer)
-    state.scaler.update()
+    state.scaler.step(state.optimizer)  # optimizer.step(); skipped if fp16 overflowed
+    state.scaler.update()  # fp16: the scale for the next step
     # gt.params = l*gt.params + (1-l)*gs.params, with l of this iteration
     ema_update(state.teacher, state.student, state.schedules.momentum[state.it])
     state.it += 1
@@ -513,7 +427,8 @@ def train_step(state, views, epoch):
 
 
 # ----------------------------------------------------------------------------------------------
-# 7. Collapse diagnostics (Sec. 5.3, Fig. 7) and the weighted k-NN (App. F.1)
+# 7. Collapse diagnostics: the teacher's entropy and the KL (Sec. 5.3, Fig. 7), and this file's
+#    batch-mean entropy, feature std, effective rank; the weighted k-NN (App. F.1)
 # ----------------------------------------------------------------------------------------------
 def entropy(p, dim=-1):
     """h(p) = -sum_k p_k log p_k, with 0 log 0 = 0."""
@@ -800,9 +715,109 @@ def download(name, root):
     return str(root)
 
 # ----------------------------------------------------------------------------------------------
-# 9. Device, precision and speed: each choice made only for speed has its figure in
-#    notebooks/RESULTS.md (Performance). None changes the algorithm of Part I.
+# 9. Speed: Part I's augmentation in batched tensor ops on uint8 crops, not PIL (3x faster per
+#    worker; a whole batch on the GPU), device, precision; their figures: notebooks/RESULTS.md
+#    (Performance). None changes Part I's algorithm but two departures, named at their lines.
 # ----------------------------------------------------------------------------------------------
+def random_resized_crop(img, size, scale, rng, ratio=(3 / 4, 4 / 3)):
+    """RandomResizedCrop's box, as torchvision draws it: a random area (scale) and aspect ratio
+    w / h (ratio), 10 tries to fit it in the image; resized to size x size."""
+    _, H, W = img.shape
+    for _ in range(10):
+        u = torch.rand(4, generator=rng).tolist()
+        area = H * W * (scale[0] + (scale[1] - scale[0]) * u[0])
+        r = math.exp(math.log(ratio[0]) + (math.log(ratio[1]) - math.log(ratio[0])) * u[1])
+        w, h = round(math.sqrt(area * r)), round(math.sqrt(area / r))
+        if 0 < w <= W and 0 < h <= H:
+            i, j = int(u[2] * (H - h + 1)), int(u[3] * (W - w + 1))
+            break
+    else:  # no box fitted: the largest centred box with w / h in [3/4, 4/3], often the image
+        w, h = min(W, round(H * ratio[1])), min(H, round(W / ratio[0]))
+        i, j = (H - h) // 2, (W - w) // 2
+    crop = img[None, :, i:i + h, j:j + w]  # (1, 3, h, w) uint8
+    # a departure: bilinear resize (antialiased); the official RandomResizedCrop is bicubic
+    return F.interpolate(crop, size=(size, size), mode="bilinear", antialias=True)[0]
+
+def finish_views(views, blur_sigma, rng):
+    """The photometric half and normalization of V views, each (n, 3, h, w) uint8, with its view's
+    probabilities: one batched call per crop size (n = 1 in a worker, n = B on the GPU)."""
+    n, out = views[0].shape[0], []
+    names = ["global 1", "global 2"] + ["local"] * (len(views) - 2)
+    for first, last in ((0, 2), (2, len(views))):  # the global views, then the local ones
+        if last > first:
+            p = torch.tensor([VIEWS[name] for name in names[first:last]]).repeat_interleave(n, 0)
+            x = photometric(torch.cat(views[first:last]), p, blur_sigma, rng)  # (m*n, 3, h, w)
+            out += normalize(x).split(n)
+    return out  # V tensors (n, 3, h, w), float, normalized
+
+def photometric(x, p, blur_sigma, rng):
+    """Flip, jitter, grayscale, blur, solarize: x (n, 3, h, w) uint8 -> float in [0, 1]; p (n, 5)
+    the probabilities of each crop's view. Draws come from the CPU generator rng."""
+    coin = torch.rand(p.shape, generator=rng) < p  # (n, 5) which crop gets what
+    x = where(coin[:, 0], x.float() / 255, lambda c: c.flip(-1))
+    x = color_jitter(x, coin[:, 1], rng)
+    x = where(coin[:, 2], x, lambda c: to_gray(c).expand_as(c))
+    x = gaussian_blur(x, coin[:, 3], blur_sigma, rng)
+    # solarize as PIL: invert the pixels at or above the threshold 128
+    return where(coin[:, 4], x, lambda c: torch.where(c >= 128 / 255, 1 - c, c))
+
+def where(on, x, fn):
+    """fn applied to the crops where `on` (n,) only; most augmentations touch a few crops."""
+    idx = on.nonzero().squeeze(1).to(x.device)
+    return x.index_copy(0, idx, fn(x[idx])) if len(idx) else x
+
+def to_gray(x):
+    """ITU-R 601 luma, as PIL: (n, 3, h, w) -> (n, 1, h, w)."""
+    return (x * x.new_tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)).sum(1, keepdim=True)
+
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+RGB_TO_YIQ = torch.tensor([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]])
+
+def color_jitter(x, on, rng):
+    """ColorJitter(0.4, 0.4, 0.2, 0.1) where on: b, c ~ U(0.6, 1.4), s ~ U(0.8, 1.2), hue +-0.1."""
+    draws = [centre + spread * (2 * torch.rand(len(x), generator=rng) - 1)
+             for centre, spread in ((1, 0.4), (1, 0.4), (1, 0.2), (0, 0.1))]
+    b, c, s = (d[on].view(-1, 1, 1, 1).to(x.device) for d in draws[:3])  # (m, 1, 1, 1)
+    theta = 2 * math.pi * draws[3][on]  # (m,)
+
+    def jitter(x):  # (m, 3, h, w): the crops where on
+        # a departure: this fixed order; torchvision's ColorJitter draws a random one per call
+        x = (b * x).clamp(0, 1)  # brightness: a blend with black
+        x = (c * x + (1 - c) * to_gray(x).mean((1, 2, 3), keepdim=True)).clamp(0, 1)  # contrast
+        x = (s * x + (1 - s) * to_gray(x)).clamp(0, 1)  # saturation: a blend with the gray image
+        # hue: x <- T^-1 R(theta) T x, a rotation of the chroma plane (I, Q) of YIQ
+        R = torch.zeros(len(theta), 3, 3)
+        R[:, 0, 0], R[:, 1, 1], R[:, 2, 2] = 1, theta.cos(), theta.cos()
+        R[:, 1, 2], R[:, 2, 1] = -theta.sin(), theta.sin()
+        M = torch.linalg.inv(RGB_TO_YIQ) @ R @ RGB_TO_YIQ  # (m, 3, 3)
+        return torch.einsum("nij,njhw->nihw", M.to(x.device), x).clamp(0, 1)
+
+    return where(on, x, jitter)
+
+def gaussian_blur(x, on, sigma_range, rng):
+    """Separable Gaussian blur, sigma ~ U(sigma_range) per crop, of the crops where `on`."""
+    lo, hi = sigma_range
+    sigma = lo + (hi - lo) * torch.rand(x.shape[0], generator=rng)
+    r = min(math.ceil(3 * hi), x.shape[-2] - 1, x.shape[-1] - 1)  # 3 x the largest sigma
+    t = torch.arange(-r, r + 1, dtype=torch.float32)
+    # k(t) = exp(-t^2 / (2 sigma^2)) / sum, one kernel per blurred crop and channel
+    k = torch.exp(-t**2 / (2 * sigma[on, None] ** 2))  # (m, 2r+1)
+    k = (k / k.sum(1, keepdim=True)).repeat_interleave(3, 0).to(x.device)  # (3m, 2r+1)
+
+    def blur(c):  # (m, 3, h, w) -> the same, blurred along rows, then columns
+        m, _, h, w = c.shape
+        y = F.pad(c.reshape(1, 3 * m, h, w), (r, r, 0, 0), mode="reflect")
+        y = F.conv2d(y, k.view(3 * m, 1, 1, -1), groups=3 * m)
+        y = F.pad(y, (0, 0, r, r), mode="reflect")
+        return F.conv2d(y, k.view(3 * m, 1, -1, 1), groups=3 * m).view(m, 3, h, w)
+
+    return where(on, x, blur)
+
+def normalize(x):
+    """ImageNet mean and std per channel, as the official ToTensor + Normalize."""
+    mean, std = x.new_tensor(IMAGENET_MEAN), x.new_tensor(IMAGENET_STD)
+    return (x - mean.view(-1, 3, 1, 1)) / std.view(-1, 3, 1, 1)
+
 def setup_device(name):
     """auto: cuda, mps, else the CPU. Under torchrun one process per GPU (gloo on CPUs)."""
     found = {"cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}
@@ -861,14 +876,9 @@ def build(args, device, iters_per_epoch):
             m.__class__ = FusedAttention
     if dist.is_initialized() and device.type == "cuda":  # a BatchNorm head over all GPUs
         student = nn.SyncBatchNorm.convert_sync_batchnorm(student)
-    teacher = copy.deepcopy(student).eval().requires_grad_(False)  # eval(): no drop-path
-    for m in teacher.modules():  # but, as official, its BatchNorms use the batch's statistics
-        if isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d, nn.SyncBatchNorm)):
-            m.train()
-    if args.optimizer == "sgd":  # the official choice for convnets
-        opt = torch.optim.SGD(param_groups(student), lr=0.0, momentum=0.9)
-    else:  # fused: one pass over the weights, 4x faster than the foreach version on a CPU
-        opt = torch.optim.AdamW(param_groups(student), lr=0.0, fused=device.type in ("cuda", "cpu"))
+    teacher = make_teacher(student)
+    # fused AdamW: one pass over the weights, 4x faster than the foreach version on a CPU
+    opt = make_optimizer(student, args.optimizer, fused=device.type in ("cuda", "cpu"))
     dino_loss = DINOLoss(args.out_dim, args.student_temp, args.center_momentum).to(device)
     scaler = GradScaler(device.type, enabled=args.precision == "fp16")
     state = TrainState(student, teacher, dino_loss, opt, schedules(args, iters_per_epoch),
@@ -878,16 +888,6 @@ def build(args, device, iters_per_epoch):
     if args.compile:  # faster on a GPU after minutes of compiling; no faster on a CPU
         state.student, state.teacher = torch.compile(state.student), torch.compile(teacher)
     return state
-
-def schedules(args, iters_per_epoch):
-    """Per-iteration schedules of the flags; peak lr scaled linearly, lr x batch / 256 (App. B)."""
-    E, n, lr = args.epochs, iters_per_epoch, args.lr * args.batch_size_per_gpu * world_size() / 256
-    return Schedules(
-        lr=cosine_schedule(lr, args.min_lr, E, n, args.warmup_epochs),
-        wd=cosine_schedule(args.weight_decay, args.weight_decay_end, E, n),
-        momentum=cosine_schedule(args.momentum_teacher, args.momentum_teacher_end, E, n),
-        teacher_temp=teacher_temp_schedule(args.warmup_teacher_temp, args.teacher_temp,
-                                           args.warmup_teacher_temp_epochs, E))
 
 def build_vit(args, drop_path_rate=0.0):
     dim, depth, heads = ARCHS[args.arch]
@@ -978,7 +978,7 @@ def to_device(views, args, device, it):
     if not args.augment_on_device:
         return views
     rng = torch.Generator().manual_seed(seed_for(args.seed, it, rank()))
-    return augment(views, args.blur_sigma, rng)
+    return finish_views(views, args.blur_sigma, rng)
 
 class Run:
     """What the loop needs besides the TrainState: the data, where to write, when to stop.

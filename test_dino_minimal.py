@@ -372,7 +372,10 @@ def test_cosine_schedule_hits_its_endpoints_and_is_monotone(epochs, iters, warmu
 @given(start=st.floats(0.01, 0.1), final=st.floats(0.01, 0.1), warmup=st.integers(0, 9),
        epochs=st.integers(1, 9))
 def test_teacher_temperature_warms_up_linearly_per_epoch(start, final, warmup, epochs):
-    tt, k = dm.teacher_temp_schedule(start, final, warmup, epochs), min(warmup, epochs)
+    args = dm.parse_args(["--smoke", "--warmup_teacher_temp", str(start), "--teacher_temp",
+                          str(final), "--warmup_teacher_temp_epochs", str(warmup), "--epochs",
+                          str(epochs)])
+    tt, k = dm.schedules(args, iters_per_epoch=1).teacher_temp, min(warmup, epochs)
     assert len(tt) == epochs and tt[k:] == [final] * (epochs - k)
     if k >= 2:
         expected = [start + (final - start) * e / (k - 1) for e in range(k)]
@@ -426,12 +429,12 @@ def test_photometric_applies_operation_j_where_column_j_says():
             assert hits.all() if on else not hits.any(), (op, on)
 
 def test_each_view_is_augmented_with_its_own_probabilities():
-    """DataAugmentationDINO's probabilities, measured by augment() on 2000 crops per view (2 x
+    """DataAugmentationDINO's probabilities, measured by finish_views() on 2000 crops per view (2 x
     2000 local), within 5 binomial sigmas (exact at 0 and 1)."""
     expected = {"flip": (0.5, 0.5, 0.5), "jitter": (0.8, 0.8, 0.8), "gray": (0.2, 0.2, 0.2),
                 "blur": (1.0, 0.1, 0.5), "solarize": (0.0, 0.2, 0.0)}
     for seed, (op, rates) in enumerate(expected.items()):
-        out = dm.augment([crops_of(op, 2000)] * 4, (1.0, 2.0), rng(seed))
+        out = dm.finish_views([crops_of(op, 2000)] * 4, (1.0, 2.0), rng(seed))
         hits = [DETECTORS[op][1](v * STD + MEAN) for v in out]
         for view, h, p in zip(("global 1", "global 2", "local"), hits[:2] + [torch.cat(hits[2:])],
                               rates):
@@ -1883,7 +1886,7 @@ def spied_run(tiny_data, tmp_path_factory):
     with pytest.MonkeyPatch.context() as mp:
         spy(dm, "build", lambda real, args, device, *_, **__: (torch.initial_seed(), device))
         spy(dm, "random_resized_crop", lambda real, img, size, scale, *_: (size, scale))
-        spy(dm, "augment", lambda real, views, blur_sigma, rng: (len(views[0]), blur_sigma))
+        spy(dm, "finish_views", lambda real, views, blur_sigma, rng: (len(views[0]), blur_sigma))
         spy(dm, "train_step", lambda real, state, views, epoch: (
             epoch, [tuple(v.shape) for v in views]))
         spy(torch, "save", lambda real, obj, *_, **__: isinstance(obj, dict) and obj.get("it"))
@@ -1907,7 +1910,7 @@ def test_the_loop_flags_reach_the_loader_crops_steps_log_and_checkpoints(spied_r
     assert set(seen["worker_init_fn"]) == {dm.ignore_signals}
     crops = seen["random_resized_crop"]  # 2 global + 3 local crops per image, 9 x 12 images
     assert crops == ([(24, (0.5, 0.9))] * 2 + [(8, (0.1, 0.3))] * 3) * 108
-    assert set(seen["augment"]) == {(12, (0.2, 0.7))}  # --augment_on_device: batches of 12
+    assert set(seen["finish_views"]) == {(12, (0.2, 0.7))}  # --augment_on_device: batches of 12
     assert seen["train_step"] == [(e, [(12, 3, 24, 24)] * 2 + [(12, 3, 8, 8)] * 3)
                                   for e in (0, 0, 0, 1, 1, 1, 2, 2, 2)]  # --epochs
     assert [r["it"] for r in read_log(out, "step")] == [2, 3, 4, 6, 8, 9]  # --log_every 2
