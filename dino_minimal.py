@@ -893,8 +893,10 @@ def bare(model):
 # ----------------------------------------------------------------------------------------------
 # 10. The loop: checkpoints (durable, exact resume), stopping, faults, logging, evaluation
 # ----------------------------------------------------------------------------------------------
+# the flags that shape a weight (--num_heads: how the weights are used): a resume must match
 ARCH_FLAGS = ("arch", "optimizer", "patch_size", "embed_dim", "depth", "num_heads", "out_dim",
-              "head_hidden_dim", "bottleneck_dim", "norm_last_layer", "use_bn_in_head")
+              "head_hidden_dim", "bottleneck_dim", "norm_last_layer", "use_bn_in_head",
+              "global_crop_size")  # the number of position embeddings
 STATES = ("student", "teacher", "optimizer", "scaler", "dino_loss")  # each saved as its state_dict
 
 def save_checkpoint(state, args, path):

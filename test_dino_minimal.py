@@ -1325,17 +1325,30 @@ def test_a_stop_signal_finishes_the_step_saves_and_the_rerun_continues(data48, t
     assert f"resumed from {out / 'checkpoint.pth'} at iteration {it}" in stdout
     assert [r["it"] for r in read_log(out, "step")[before:]] == list(range(it + 1, 37))
 
+# One value other than the smoke model's for each flag that resume compares: each alone is
+# refused (--arch and --num_heads change no weight's shape, but what the weights mean).
+OTHER_MODEL = {"arch": "vit_small", "optimizer": "sgd", "patch_size": 4, "embed_dim": 32,
+               "depth": 3, "num_heads": 4, "out_dim": 128, "head_hidden_dim": 128,
+               "bottleneck_dim": 32, "norm_last_layer": "no", "use_bn_in_head": "yes",
+               "global_crop_size": 24}
+
 def test_a_checkpoint_holds_its_data_by_absolute_path_and_refuses_another_model(tiny_data,
                                                                                tmp_path,
                                                                                monkeypatch):
     """--data relative to where training ran is found from anywhere; resuming into a checkpoint
-    of another model or another global batch is one error line naming the difference."""
+    of another model (any one of its flags alone) or another global batch is one error line
+    naming the difference."""
     monkeypatch.chdir(Path(tiny_data).parent)
     run_main(tiny_argv(Path(tiny_data).name, tmp_path / "out"))
     assert load_ckpt(tmp_path / "out")["args"]["data"] == str(Path(tiny_data).resolve())
     for flags, says in ((("--embed_dim", 32), "was trained with --embed_dim 64"),
                         (("--batch_size_per_gpu", 4), "global batch of 8")):
         assert says in expect_one_error_line(tiny_argv(tiny_data, tmp_path / "out", *flags))
+    for name, value in OTHER_MODEL.items():  # resume refuses before it touches the state
+        args = dm.parse_args(tiny_argv(tiny_data, tmp_path / "out", f"--{name}", value))
+        with pytest.raises(dm.UsageError, match=f"was trained with --{name} [^:]*: pass the same"):
+            dm.resume(None, args, tmp_path / "out" / "checkpoint.pth")
+    assert set(OTHER_MODEL) == set(dm.ARCH_FLAGS)  # a flag added there is added here
 
 def test_a_run_resumes_in_another_precision(tiny_data, tmp_path):
     """bf16 -> fp16 -> fp32: a checkpoint saved without a GradScaler's state resumes with one,
@@ -1783,6 +1796,22 @@ def test_each_flag_reaches_the_object_or_step_that_uses_it(flags, reached, expec
     torch.manual_seed(0)
     state = dm.build(args, CPU, iters_per_epoch=3)
     assert reached(state, dm.multicrop_of(args), compiled) == expected
+
+def test_resume_compares_every_flag_that_shapes_a_weight(monkeypatch):
+    """Each flag of FLAG_REACHES whose value changes the name or shape of a weight of the
+    student or the loss, or the optimizer, is one that resume compares: another value would
+    end in load_state_dict's traceback (--global_crop_size: the position embeddings)."""
+    monkeypatch.setattr(torch, "compile", lambda model, **_: model)
+
+    def shapes(*flags):
+        state = dm.build(dm.parse_args([*FLAG_BASE, *flags]), CPU, iters_per_epoch=3)
+        weights = {**dm.bare(state.student).state_dict(), **state.dino_loss.state_dict()}
+        return type(state.optimizer), {k: v.shape for k, v in weights.items()}
+
+    base = shapes()
+    shaping = {flags.split()[0][2:] for flags, _, _ in FLAG_REACHES
+               if shapes(*flags.split()) != base}
+    assert "global_crop_size" in shaping and shaping <= set(dm.ARCH_FLAGS)
 
 @pytest.fixture(scope="module")
 def spied_run(tiny_data, tmp_path_factory):
