@@ -919,7 +919,7 @@ def save_checkpoint(state, args, path):
         os.close(folder)
 
 def resume(state, args, path):
-    """Continue from path if it exists; refuse a damaged one, another model or global batch."""
+    """Continue from path if it exists; refuse a damaged one, another model, data, global batch."""
     ckpt, it = {}, -1
     if path.exists():
         try:
@@ -935,8 +935,10 @@ def resume(state, args, path):
     if not ckpt:
         return
     theirs = {"optimizer": "adamw", **ckpt["args"]}  # adamw: saved before --optimizer existed
-    diff = [f"--{k} {theirs.get(k)}" for k in ARCH_FLAGS if theirs.get(k) != getattr(args, k)]
-    # the schedules are indexed by iteration: another global batch would change their meaning
+    ours = {**vars(args), "data": str(Path(args.data).resolve())}  # as save_checkpoint records
+    # the epoch and the schedules are indexed by iteration: other data (images per epoch) or
+    # another global batch would change their meaning
+    diff = [f"--{k} {theirs.get(k)}" for k in (*ARCH_FLAGS, "data") if theirs.get(k) != ours[k]]
     processes = ckpt.get("world_size", 1)
     saved, batch = theirs["batch_size_per_gpu"] * processes, args.batch_size_per_gpu * world_size()
     if saved != batch:

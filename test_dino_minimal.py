@@ -1336,13 +1336,16 @@ def test_a_checkpoint_holds_its_data_by_absolute_path_and_refuses_another_model(
                                                                                tmp_path,
                                                                                monkeypatch):
     """--data relative to where training ran is found from anywhere; resuming into a checkpoint
-    of another model (any one of its flags alone) or another global batch is one error line
-    naming the difference."""
+    of another model (any one of its flags alone), another --data (another length of an
+    epoch) or another global batch is one error line naming the difference."""
     monkeypatch.chdir(Path(tiny_data).parent)
     run_main(tiny_argv(Path(tiny_data).name, tmp_path / "out"))
     assert load_ckpt(tmp_path / "out")["args"]["data"] == str(Path(tiny_data).resolve())
+    shutil.copytree(tiny_data, tmp_path / "copy")
     for flags, says in ((("--embed_dim", 32), "was trained with --embed_dim 64"),
-                        (("--batch_size_per_gpu", 4), "global batch of 8")):
+                        (("--batch_size_per_gpu", 4), "global batch of 8"),
+                        (("--data", tmp_path / "copy"),
+                         f"was trained with --data {Path(tiny_data).resolve()}: pass the same")):
         assert says in expect_one_error_line(tiny_argv(tiny_data, tmp_path / "out", *flags))
     for name, value in OTHER_MODEL.items():  # resume refuses before it touches the state
         args = dm.parse_args(tiny_argv(tiny_data, tmp_path / "out", f"--{name}", value))
