@@ -1046,6 +1046,9 @@ def fault(e, state, run):
         age = (time.time() - run.saved_at) / 60
         kept = f"{run.ckpt} holds iteration {run.saved_it}, saved {age:.0f} min ago"
         then = "the same command resumes from it"
+    # a loader worker killed (out of memory): torch says so, or the batch it was sending breaks
+    if "DataLoader worker" in what or isinstance(e, (ConnectionError, EOFError)):
+        what, then = f"a loader worker died ({what})", f"{then}; if it recurs, lower --num_workers"
     if "shared memory" in what:  # the loader workers' batches overflowed /dev/shm
         then = "rerun with --num_workers 0, or with more /dev/shm (docker run --shm-size=8g)"
     return Fault(f"{what} (iteration {state.it}); {kept}: {then}")

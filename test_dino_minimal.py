@@ -1221,7 +1221,8 @@ def test_a_killed_loader_worker_ends_in_one_line_and_the_rerun_is_exact(data48, 
     _, err = proc.communicate(timeout=120)
     lines = err.strip().splitlines()
     assert proc.returncode == 1 and len(lines) == 1, err
-    assert lines[0].startswith("error: ") and lines[0].endswith("the same command resumes from it")
+    assert lines[0].startswith("error: a loader worker died (") and lines[0].endswith(
+        "the same command resumes from it; if it recurs, lower --num_workers")
     saved, logged = load_ckpt(out)["it"], read_log(out, "step")[-1]["it"]
     assert saved == 12 * (logged // 12) > 0 and f"holds iteration {saved}, saved 0 min" in lines[0]
     assert f"at iteration {saved}" in run_main(argv)
@@ -1508,6 +1509,22 @@ def test_the_fault_line_for_shared_memory_gives_remedies_not_a_rerun():
     line = str(dm.fault(bus, dm.TrainState(*[None] * 5, it=15), run))
     assert "--num_workers 0" in line and "--shm-size" in line and "same command" not in line
     assert "(iteration 15); out/checkpoint.pth holds iteration 12, saved 0 min ago" in line
+
+@pytest.mark.parametrize("error", [
+    ConnectionResetError(104, "Connection reset by peer"), EOFError(),
+    RuntimeError("DataLoader worker (pid(s) 9) exited unexpectedly"),
+    RuntimeError("DataLoader worker (pid 9) is killed by signal: Killed.")])
+def test_a_killed_loader_worker_is_named_whichever_exception_the_loader_raises(error):
+    """The kernel kills a worker (out of memory): torch says so, or the batch it was sending
+    breaks off (a connection reset, 2 of 6 tries). Each line says a loader worker died, what
+    was raised, that the same command resumes and what to try if it recurs; another fault
+    does not blame a worker."""
+    run = types.SimpleNamespace(ckpt=Path("out/checkpoint.pth"), saved_it=12, saved_at=time.time())
+    line = str(dm.fault(error, dm.TrainState(*[None] * 5, it=15), run))
+    assert line.startswith(f"a loader worker died ({type(error).__name__}") and line.endswith(
+        "saved 0 min ago: the same command resumes from it; if it recurs, lower --num_workers")
+    nan = str(dm.fault(FloatingPointError("loss is nan"), dm.TrainState(*[None] * 5, it=15), run))
+    assert "worker" not in nan and nan.endswith("the same command resumes from it")
 
 @pytest.mark.parametrize("cores,processes,expected", [(16, None, 10), (16, "8", 2), (4, "8", 1),
                                                      (1, None, 1)])
