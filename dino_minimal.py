@@ -707,9 +707,9 @@ def eval_batch(batch):
     return torch.stack(views), torch.tensor(labels)
 
 @torch.no_grad()
-def extract_features(backbone, items, size, device, workers=0, stop=None):
-    """(n, D) fp32 backbone(eval_view(image)) and (n,) labels of the items; process r takes r::W.
-    The pass ends early once stop.requested (a Run's)."""
+def extract_features(backbone, items, size, device, workers=0, run=None):
+    """(n, D) fp32 backbone(eval_view(image)) and (n,) labels of the readable items; process r
+    takes r::W. With a Run: the pass ends early once run.requested; unreadable files named."""
     share = [(path, label, size) for path, label in items[rank()::world_size()]]
     share = share or [(items[0][0], -1, size)]  # fewer items than processes: gather cuts it off
     loader = torch.utils.data.DataLoader(share, batch_size=256, num_workers=workers,
@@ -718,13 +718,15 @@ def extract_features(backbone, items, size, device, workers=0, stop=None):
     for x, y in loader:
         feats.append(backbone(x.to(device)).float())
         labels.append(y.to(device))
-        if stop and stop.requested:  # the caller drops this pass
+        if run and run.requested:  # the caller drops this pass
             break
     feats, labels = torch.cat(feats), torch.cat(labels)
     if dist.is_initialized():
         feats, labels = gather_shares(feats, len(items)), gather_shares(labels, len(items))
-    if (labels < 0).any() and not (stop and stop.requested):
-        say(f"left {int((labels < 0).sum())} images that cannot be read out of the k-NN")
+    if run and not run.requested:  # each file that cannot be read is named once per run
+        for path in {str(p) for (p, _), y in zip(items, labels.tolist()) if y < 0} - run.skipped:
+            say(f"{path}: cannot read it, left out of the k-NN")
+            run.skipped.add(path)
     return feats[labels >= 0], labels[labels >= 0]
 
 def gather_shares(x, n):
@@ -735,12 +737,12 @@ def gather_shares(x, n):
     dist.all_gather(shares, x)  # no process waits on another's k-NN: all compute the same
     return torch.stack(shares, 1).flatten(0, 1)[:n]  # row j*W + r is item j*W + r
 
-def knn_accuracy(backbone, train_items, val_items, args, device, stop=None):
+def knn_accuracy(backbone, train_items, val_items, args, device, run=None):
     """Weighted k-NN top-1 (App. F.1), training set as memory, val as queries; None: stopped."""
     size, workers = args.global_crop_size, args.num_workers
-    memory = extract_features(backbone, train_items, size, device, workers, stop)
-    queries = extract_features(backbone, val_items, size, device, workers, stop)
-    if stop and agree(stop.requested)[0]:  # a stop in any process ends the evaluation
+    memory = extract_features(backbone, train_items, size, device, workers, run)
+    queries = extract_features(backbone, val_items, size, device, workers, run)
+    if run and agree(run.requested)[0]:  # a stop in any process ends the evaluation
         return None
     return knn_classify(*memory, *queries)
 
@@ -893,17 +895,15 @@ def bare(model):
 # ----------------------------------------------------------------------------------------------
 # 10. The loop: checkpoints (durable, exact resume), stopping, faults, logging, evaluation
 # ----------------------------------------------------------------------------------------------
-# the flags that shape a weight (--num_heads: how the weights are used): a resume must match
-ARCH_FLAGS = ("arch", "optimizer", "patch_size", "embed_dim", "depth", "num_heads", "out_dim",
-              "head_hidden_dim", "bottleneck_dim", "norm_last_layer", "use_bn_in_head",
-              "global_crop_size")  # the number of position embeddings
+RESUME_FLAGS = ("arch", "optimizer", "patch_size", "embed_dim", "depth", "num_heads", "out_dim",
+                "head_hidden_dim", "bottleneck_dim", "norm_last_layer", "use_bn_in_head",
+                "global_crop_size", "data")  # the model's (weights' shapes and use), the data
 STATES = ("student", "teacher", "optimizer", "scaler", "dino_loss")  # each saved as its state_dict
 
 def save_checkpoint(state, args, path):
     """A temporary file flushed to the disk, then renamed: path is always one whole checkpoint."""
     ckpt = {name: bare(getattr(state, name)).state_dict() for name in STATES}
-    ckpt |= {"it": state.it, "world_size": world_size(),
-             "args": {**vars(args), "data": str(Path(args.data).resolve())}}
+    ckpt |= {"it": state.it, "world_size": world_size(), "args": vars(args)}
     tmp = path.with_suffix(".tmp")
     try:
         with open(tmp, "wb") as f:
@@ -935,10 +935,8 @@ def resume(state, args, path):
     if not ckpt:
         return
     theirs = {"optimizer": "adamw", **ckpt["args"]}  # adamw: saved before --optimizer existed
-    ours = {**vars(args), "data": str(Path(args.data).resolve())}  # as save_checkpoint records
-    # the epoch and the schedules are indexed by iteration: other data (images per epoch) or
-    # another global batch would change their meaning
-    diff = [f"--{k} {theirs.get(k)}" for k in (*ARCH_FLAGS, "data") if theirs.get(k) != ours[k]]
+    # epoch and schedules count iterations: other data or another global batch shift them
+    diff = [f"--{k} {theirs.get(k)}" for k in RESUME_FLAGS if theirs.get(k) != getattr(args, k)]
     processes = ckpt.get("world_size", 1)
     saved, batch = theirs["batch_size_per_gpu"] * processes, args.batch_size_per_gpu * world_size()
     if saved != batch:
@@ -1019,6 +1017,7 @@ class Run:
 def train(args):
     device = setup_device(args.device)
     run = Run(args, device)
+    args.data = str(Path(args.data).resolve())  # as the checkpoint records it: found from anywhere
     torch.manual_seed(args.seed)  # the initial weights
     state = build(args, device, run.sampler.steps)
     resume(state, args, run.ckpt)
@@ -1046,8 +1045,7 @@ def fault(e, state, run):
         age = (time.time() - run.saved_at) / 60
         kept = f"{run.ckpt} holds iteration {run.saved_it}, saved {age:.0f} min ago"
         then = "the same command resumes from it"
-    # a loader worker killed (out of memory): torch says so, or the batch it was sending breaks
-    if "DataLoader worker" in what or isinstance(e, (ConnectionError, EOFError)):
+    if "DataLoader worker" in what or isinstance(e, (ConnectionError, EOFError)):  # worker killed
         what, then = f"a loader worker died ({what})", f"{then}; if it recurs, lower --num_workers"
     if "shared memory" in what:  # the loader workers' batches overflowed /dev/shm
         then = "rerun with --num_workers 0, or with more /dev/shm (docker run --shm-size=8g)"
@@ -1056,8 +1054,7 @@ def fault(e, state, run):
 def train_epochs(state, run):
     """Epochs from where the checkpoint left off; returns the exit status (130: stopped)."""
     args, epoch = run.args, state.it // run.sampler.steps
-    # the baseline first: the network at random initialization
-    finished = state.it > 0 or not args.eval_every or evaluate(state, run, 0)
+    finished = state.it > 0 or not args.eval_every or evaluate(state, run, 0)  # random init
     while finished and epoch < args.epochs:
         finished = train_one_epoch(state, run, epoch)
         run.save(state)
@@ -1066,8 +1063,7 @@ def train_epochs(state, run):
             finished = evaluate(state, run, epoch)
     if not finished:
         held = "saved" if run.saved_it == state.it else "nothing saved in"
-        say(f"stopped at iteration {state.it}: {held} {run.ckpt}; the same "
-            "command resumes")
+        say(f"stopped at iteration {state.it}: {held} {run.ckpt}; the same command resumes")
         return 130
     if rank() == 0:
         torch.save(bare(state.teacher).backbone.state_dict(), run.out / "teacher_backbone.pth")
@@ -1076,9 +1072,8 @@ def train_epochs(state, run):
 
 def train_one_epoch(state, run, epoch):
     """Returns False when a stop was requested (the step in flight is finished first)."""
-    args, sampler = run.args, run.sampler
+    args, sampler, t0 = run.args, run.sampler, time.perf_counter()
     sampler.epoch, sampler.start_step = epoch, state.it - epoch * sampler.steps
-    t0 = time.perf_counter()
     for steps, (views, _, bad) in enumerate(run.loader, 1):
         for path in set(bad) - run.skipped - {""}:  # named once, replaced by another image
             log(run.out, {"type": "skipped", "it": state.it, "file": path},

@@ -837,9 +837,10 @@ def test_the_knn_shares_the_images_between_processes_and_gives_the_one_process_r
         tiny_data, tmp_path):
     """torchrun (gloo): each of 2 processes embeds only its half of the images (no process
     idles at a barrier); gathered, both hold the one-process features in item order, labels
-    and accuracy, with an undecodable image left out wherever it falls; with fewer images than
-    processes too."""
-    items = dm.list_images(Path(tiny_data) / "train")[0][:13]  # odd: the shares differ
+    and accuracy, with an undecodable image left out wherever it falls (named once per run); with
+    a number of images that the processes do not divide (the shares padded to one length, then
+    cut) and with fewer images than processes."""
+    items = dm.list_images(Path(tiny_data) / "train")[0][:12]  # 13 with bad.png: shares differ
     (tmp_path / "bad.png").write_bytes(items[0][0].read_bytes()[:200])
     items.insert(6, (tmp_path / "bad.png", 1))
     (tmp_path / "script.py").write_text(KNN_SCRIPT)
@@ -848,12 +849,14 @@ def test_the_knn_shares_the_images_between_processes_and_gives_the_one_process_r
     assert proc.returncode == 0, proc.stderr[-3000:]
     torch.manual_seed(0)
     vit = dm.VisionTransformer(32, 8, 16, 1, 2).eval()
+    run = types.SimpleNamespace(requested=False, skipped=set())  # what a Run lends the k-NN
     with contextlib.redirect_stdout(io.StringIO()) as said:
-        feats, labels = dm.extract_features(vit, items, 32, CPU)
-    assert said.getvalue() == "left 1 images that cannot be read out of the k-NN\n"
+        feats, labels = dm.extract_features(vit, items, 32, CPU, run=run)
+        assert_bitwise_equal(dm.extract_features(vit, items, 32, CPU, run=run), (feats, labels))
+    assert said.getvalue() == f"{tmp_path / 'bad.png'}: cannot read it, left out of the k-NN\n"
     assert labels.tolist() == [y for p, y in items if p.name != "bad.png"]
     ranks = [torch.load(tmp_path / f"{r}.pt", weights_only=True) for r in (0, 1)]
-    assert sorted(len(r["seen"]) for r in ranks) == [7, 7]  # 14 images, the bad one included
+    assert sorted(len(r["seen"]) for r in ranks) == [6, 7]  # 13 images, the bad one included
     assert not set(ranks[0]["seen"]) & set(ranks[1]["seen"])
     for r in ranks:
         torch.testing.assert_close(r["feats"], feats, rtol=1e-5, atol=1e-6)
@@ -1352,7 +1355,7 @@ def test_a_checkpoint_holds_its_data_by_absolute_path_and_refuses_another_model(
         args = dm.parse_args(tiny_argv(tiny_data, tmp_path / "out", f"--{name}", value))
         with pytest.raises(dm.UsageError, match=f"was trained with --{name} [^:]*: pass the same"):
             dm.resume(None, args, tmp_path / "out" / "checkpoint.pth")
-    assert set(OTHER_MODEL) == set(dm.ARCH_FLAGS)  # a flag added there is added here
+    assert {*OTHER_MODEL, "data"} == set(dm.RESUME_FLAGS)  # a flag added there is added here
 
 def test_a_run_resumes_in_another_precision(tiny_data, tmp_path):
     """bf16 -> fp16 -> fp32: a checkpoint saved without a GradScaler's state resumes with one,
@@ -1399,20 +1402,28 @@ def test_bad_data_or_output_dir_is_one_error_line(tiny_data, tmp_path):
 def test_an_undecodable_image_is_replaced_named_once_and_changes_nothing_else(tiny_data,
                                                                               tmp_path):
     """Non-images are skipped and counted. An image cut short is found when decoded (in a worker
-    or not), replaced by the next image and logged once; 0 or 2 workers alike."""
+    or not), replaced by the next image and logged once; 0 or 2 workers alike. With the k-NN
+    on (3 evaluations, each 2 networks x memory and queries), each file that cannot be read is
+    named once in the whole run, the training image by the first pass that meets it."""
     data = tmp_path / "data"
     shutil.copytree(tiny_data, data)
     (data / "train" / "class0" / "notes.png").write_text("not an image")
     (data / "train" / "class1" / "junk.jpg").write_bytes(os.urandom(300))
-    bad = data / "train" / "class1" / "002.png"
-    bad.write_bytes(bad.read_bytes()[:200])
-    for workers in (0, 2):
-        stdout = run_main(tiny_argv(data, tmp_path / str(workers), "--epochs", 2, "--num_workers",
-                                    workers))
-        assert "skipped 2 files that are not images" in stdout
-        assert [r["file"] for r in read_log(tmp_path / str(workers), "skipped")] == [str(bad)]
-        assert f"{bad}: cannot read it, replaced by another image" in stdout
+    bad, query = data / "train" / "class1" / "002.png", data / "val" / "class2" / "004.png"
+    for path in (bad, query):
+        path.write_bytes(path.read_bytes()[:200])
+    said = {}
+    for name, workers, knn in (("0", 0, 0), ("2", 2, 0), ("knn", 0, 1)):
+        said[name] = run_main(tiny_argv(data, tmp_path / name, "--epochs", 2, "--num_workers",
+                                        workers, "--eval_every", knn))
+        assert "skipped 2 files that are not images" in said[name]
+        assert said[name].count(str(bad)) == 1 and said[name].count(str(query)) == knn
+    for name in ("0", "2"):
+        assert [r["file"] for r in read_log(tmp_path / name, "skipped")] == [str(bad)]
+        assert f"{bad}: cannot read it, replaced by another image" in said[name]
+    assert f"{query}: cannot read it, left out of the k-NN" in said["knn"]
     assert_same_training(load_ckpt(tmp_path / "0"), load_ckpt(tmp_path / "2"))
+    assert_same_training(load_ckpt(tmp_path / "0"), load_ckpt(tmp_path / "knn"))
 
 def test_each_surprise_in_the_data_folders_is_one_error_line(tiny_data, tmp_path, monkeypatch):
     """Refused before any work, each in one line: one class, an empty class folder, a k-NN
@@ -1831,7 +1842,7 @@ def test_resume_compares_every_flag_that_shapes_a_weight(monkeypatch):
     base = shapes()
     shaping = {flags.split()[0][2:] for flags, _, _ in FLAG_REACHES
                if shapes(*flags.split()) != base}
-    assert "global_crop_size" in shaping and shaping <= set(dm.ARCH_FLAGS)
+    assert "global_crop_size" in shaping and shaping <= set(dm.RESUME_FLAGS)
 
 @pytest.fixture(scope="module")
 def spied_run(tiny_data, tmp_path_factory):
