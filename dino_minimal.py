@@ -1291,15 +1291,18 @@ def claim(folder):
     try:
         Path(folder).mkdir(parents=True, exist_ok=True)
         lock = os.fdopen(os.open(Path(folder) / "lock", os.O_CREAT | os.O_WRONLY), "w")
-        if os.environ.get("RANK", "0") == "0" and os.name == "posix":
-            import fcntl
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)  # released when the file closes
-    except BlockingIOError:
-        raise UsageError(f"another run is using --output_dir {folder}: wait for it to end, "
-                         "or pass another folder") from None
     except OSError as e:
         raise UsageError(f"cannot write to --output_dir {folder} ({e.strerror}): pick another "
                          "folder") from None
+    if os.environ.get("RANK", "0") == "0" and os.name == "posix":
+        import fcntl
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)  # released when the file closes
+        except BlockingIOError:
+            raise UsageError(f"another run is using --output_dir {folder}: wait for it to end, "
+                             "or pass another folder") from None
+        except OSError as e:  # no locks on some Lustre and FUSE mounts (ENOSYS, EOPNOTSUPP)
+            print(f"note: cannot lock --output_dir {folder} ({e.strerror}): training unlocked")
     return lock
 
 def main(argv=None):

@@ -1483,6 +1483,23 @@ def test_one_run_per_output_dir(tiny_data, tmp_path):
     assert f"another run is using --output_dir {tmp_path / 'out'}" in err
     assert "done:" in run_main(tiny_argv(tiny_data, tmp_path / "out"))  # released: it trains
 
+def test_a_folder_that_cannot_be_locked_trains_without_the_lock_and_says_so(tiny_data, tmp_path,
+                                                                             monkeypatch):
+    """Some Lustre and FUSE mounts (a multi-node run's shared folder) have no flock: the run
+    trains unlocked and says so in one line."""
+    import errno
+    import fcntl
+
+    def no_flock(file, how):
+        raise OSError(errno.ENOSYS, os.strerror(errno.ENOSYS))
+
+    monkeypatch.setattr(fcntl, "flock", no_flock)
+    out = run_main(tiny_argv(tiny_data, tmp_path / "out"))
+    notes = [x for x in out.splitlines() if "lock" in x]
+    says = f"({os.strerror(errno.ENOSYS)}): training unlocked"
+    assert notes == [f"note: cannot lock --output_dir {tmp_path / 'out'} {says}"]
+    assert "done:" in out and load_ckpt(tmp_path / "out")["it"] == 4
+
 def test_a_device_that_is_not_there_is_one_error_line(tiny_data, tmp_path, monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
