@@ -1054,7 +1054,7 @@ def fault(e, state, run):
 def train_epochs(state, run):
     """Epochs from where the checkpoint left off; returns the exit status (130: stopped)."""
     args, epoch = run.args, state.it // run.sampler.steps
-    finished = state.it > 0 or not args.eval_every or evaluate(state, run, 0)  # random init
+    finished = state.it > 0 or not args.eval_every or evaluate(state, run, 0)  # k-NN of random init
     while finished and epoch < args.epochs:
         finished = train_one_epoch(state, run, epoch)
         run.save(state)
