@@ -186,7 +186,6 @@ class ResNet(torchvision.models.ResNet):
     def get_last_selfattention(self, x):
         raise TypeError("a convnet has no self-attention, hence no attention maps: use a ViT")
 
-
 # ----------------------------------------------------------------------------------------------
 # 2. The DINO head and the multi-crop forward (Sec. 3.1, App. C)
 # ----------------------------------------------------------------------------------------------
@@ -227,7 +226,6 @@ class MultiCropNet(nn.Module):
         feats = torch.cat(feats)  # (V*B, D), view-major
         return feats, self.head(feats)  # (V*B, D), (V*B, K)
 
-
 # ----------------------------------------------------------------------------------------------
 # 3. The loss: centering, sharpening and cross-entropy over pairs of views (Sec. 3.1, Eq. 1-4)
 # ----------------------------------------------------------------------------------------------
@@ -264,7 +262,6 @@ class DINOLoss(nn.Module):
             dist.all_reduce(batch_sum)
             dist.all_reduce(n)
         self.center.mul_(self.center_momentum).add_(batch_sum / n, alpha=1 - self.center_momentum)
-
 
 # ----------------------------------------------------------------------------------------------
 # 4. What Algorithm 1 starts from: teacher, optimizer, schedules (Sec. 3.1, App. B); the EMA
@@ -327,7 +324,6 @@ def ema_update(teacher, student, momentum):
     for t, s in zip(teacher.parameters(), student.parameters()):
         t.mul_(momentum).add_(s.detach(), alpha=1 - momentum)
 
-
 # ----------------------------------------------------------------------------------------------
 # 5. Multi-crop augmentation (Sec. 3.1, App. E)
 # ----------------------------------------------------------------------------------------------
@@ -361,7 +357,6 @@ class MultiCrop:
         if not photometric:
             return crops
         return [v[0] for v in finish_views([c[None] for c in crops], self.blur_sigma, rng)]
-
 
 # ----------------------------------------------------------------------------------------------
 # 6. One training step (Algorithm 1, in the official order)
@@ -424,7 +419,6 @@ def train_step(state, views, epoch):
     ema_update(state.teacher, state.student, state.schedules.momentum[state.it])
     state.it += 1
     return loss.detach(), teacher_probs, teacher_feats
-
 
 # ----------------------------------------------------------------------------------------------
 # 7. Collapse diagnostics: the teacher's entropy and the KL (Sec. 5.3, Fig. 7), and this file's
@@ -632,9 +626,9 @@ def eval_batch(batch):
     return torch.stack(views), torch.tensor(labels)
 
 @torch.no_grad()
-def extract_features(backbone, items, size, device, workers=0, stop=None):
-    """(n, D) fp32 backbone(eval_view(image)) and (n,) labels of the items; process r takes r::W.
-    The pass ends early once stop.requested (a Run's)."""
+def extract_features(backbone, items, size, device, workers=0, run=None):
+    """(n, D) fp32 backbone(eval_view(image)) and (n,) labels of the readable items; process r
+    takes r::W. With a Run: the pass ends early once run.requested; unreadable files named."""
     share = [(path, label, size) for path, label in items[rank()::world_size()]]
     share = share or [(items[0][0], -1, size)]  # fewer items than processes: gather cuts it off
     loader = torch.utils.data.DataLoader(share, batch_size=256, num_workers=workers,
@@ -643,13 +637,15 @@ def extract_features(backbone, items, size, device, workers=0, stop=None):
     for x, y in loader:
         feats.append(backbone(x.to(device)).float())
         labels.append(y.to(device))
-        if stop and stop.requested:  # the caller drops this pass
+        if run and run.requested:  # the caller drops this pass
             break
     feats, labels = torch.cat(feats), torch.cat(labels)
     if dist.is_initialized():
         feats, labels = gather_shares(feats, len(items)), gather_shares(labels, len(items))
-    if (labels < 0).any() and not (stop and stop.requested):
-        say(f"left {int((labels < 0).sum())} images that cannot be read out of the k-NN")
+    if run and not run.requested:  # each file that cannot be read is named once per run
+        for path in {str(p) for (p, _), y in zip(items, labels.tolist()) if y < 0} - run.skipped:
+            say(f"{path}: cannot read it, left out of the k-NN")
+            run.skipped.add(path)
     return feats[labels >= 0], labels[labels >= 0]
 
 def gather_shares(x, n):
@@ -660,12 +656,12 @@ def gather_shares(x, n):
     dist.all_gather(shares, x)  # no process waits on another's k-NN: all compute the same
     return torch.stack(shares, 1).flatten(0, 1)[:n]  # row j*W + r is item j*W + r
 
-def knn_accuracy(backbone, train_items, val_items, args, device, stop=None):
+def knn_accuracy(backbone, train_items, val_items, args, device, run=None):
     """Weighted k-NN top-1 (App. F.1), training set as memory, val as queries; None: stopped."""
     size, workers = args.global_crop_size, args.num_workers
-    memory = extract_features(backbone, train_items, size, device, workers, stop)
-    queries = extract_features(backbone, val_items, size, device, workers, stop)
-    if stop and agree(stop.requested)[0]:  # a stop in any process ends the evaluation
+    memory = extract_features(backbone, train_items, size, device, workers, run)
+    queries = extract_features(backbone, val_items, size, device, workers, run)
+    if run and agree(run.requested)[0]:  # a stop in any process ends the evaluation
         return None
     return knn_classify(*memory, *queries)
 
@@ -899,19 +895,18 @@ def bare(model):
     model = getattr(model, "_orig_mod", model)
     return getattr(model, "module", model)
 
-
 # ----------------------------------------------------------------------------------------------
 # 10. The loop: checkpoints (durable, exact resume), stopping, faults, logging, evaluation
 # ----------------------------------------------------------------------------------------------
-ARCH_FLAGS = ("arch", "optimizer", "patch_size", "embed_dim", "depth", "num_heads", "out_dim",
-              "head_hidden_dim", "bottleneck_dim", "norm_last_layer", "use_bn_in_head")
+RESUME_FLAGS = ("arch", "optimizer", "patch_size", "embed_dim", "depth", "num_heads", "out_dim",
+                "head_hidden_dim", "bottleneck_dim", "norm_last_layer", "use_bn_in_head",
+                "global_crop_size", "data")  # the model's (weights' shapes and use), the data
 STATES = ("student", "teacher", "optimizer", "scaler", "dino_loss")  # each saved as its state_dict
 
 def save_checkpoint(state, args, path):
     """A temporary file flushed to the disk, then renamed: path is always one whole checkpoint."""
     ckpt = {name: bare(getattr(state, name)).state_dict() for name in STATES}
-    ckpt |= {"it": state.it, "world_size": world_size(),
-             "args": {**vars(args), "data": str(Path(args.data).resolve())}}
+    ckpt |= {"it": state.it, "world_size": world_size(), "args": vars(args)}
     tmp = path.with_suffix(".tmp")
     try:
         with open(tmp, "wb") as f:
@@ -927,7 +922,7 @@ def save_checkpoint(state, args, path):
         os.close(folder)
 
 def resume(state, args, path):
-    """Continue from path if it exists; refuse a damaged one, another model or global batch."""
+    """Continue from path if it exists; refuse a damaged one, another model, data, global batch."""
     ckpt, it = {}, -1
     if path.exists():
         try:
@@ -943,8 +938,8 @@ def resume(state, args, path):
     if not ckpt:
         return
     theirs = {"optimizer": "adamw", **ckpt["args"]}  # adamw: saved before --optimizer existed
-    diff = [f"--{k} {theirs.get(k)}" for k in ARCH_FLAGS if theirs.get(k) != getattr(args, k)]
-    # the schedules are indexed by iteration: another global batch would change their meaning
+    # epoch and schedules count iterations: other data or another global batch shift them
+    diff = [f"--{k} {theirs.get(k)}" for k in RESUME_FLAGS if theirs.get(k) != getattr(args, k)]
     processes = ckpt.get("world_size", 1)
     saved, batch = theirs["batch_size_per_gpu"] * processes, args.batch_size_per_gpu * world_size()
     if saved != batch:
@@ -1025,6 +1020,7 @@ class Run:
 def train(args):
     device = setup_device(args.device)
     run = Run(args, device)
+    args.data = str(Path(args.data).resolve())  # as the checkpoint records it: found from anywhere
     torch.manual_seed(args.seed)  # the initial weights
     state = build(args, device, run.sampler.steps)
     resume(state, args, run.ckpt)
@@ -1052,6 +1048,8 @@ def fault(e, state, run):
         age = (time.time() - run.saved_at) / 60
         kept = f"{run.ckpt} holds iteration {run.saved_it}, saved {age:.0f} min ago"
         then = "the same command resumes from it"
+    if "DataLoader worker" in what or isinstance(e, (ConnectionError, EOFError)):  # worker killed
+        what, then = f"a loader worker died ({what})", f"{then}; if it recurs, lower --num_workers"
     if "shared memory" in what:  # the loader workers' batches overflowed /dev/shm
         then = "rerun with --num_workers 0, or with more /dev/shm (docker run --shm-size=8g)"
     return Fault(f"{what} (iteration {state.it}); {kept}: {then}")
@@ -1059,8 +1057,7 @@ def fault(e, state, run):
 def train_epochs(state, run):
     """Epochs from where the checkpoint left off; returns the exit status (130: stopped)."""
     args, epoch = run.args, state.it // run.sampler.steps
-    # the baseline first: the network at random initialization
-    finished = state.it > 0 or not args.eval_every or evaluate(state, run, 0)
+    finished = state.it > 0 or not args.eval_every or evaluate(state, run, 0)  # k-NN of random init
     while finished and epoch < args.epochs:
         finished = train_one_epoch(state, run, epoch)
         run.save(state)
@@ -1069,8 +1066,7 @@ def train_epochs(state, run):
             finished = evaluate(state, run, epoch)
     if not finished:
         held = "saved" if run.saved_it == state.it else "nothing saved in"
-        say(f"stopped at iteration {state.it}: {held} {run.ckpt}; the same "
-            "command resumes")
+        say(f"stopped at iteration {state.it}: {held} {run.ckpt}; the same command resumes")
         return 130
     if rank() == 0:
         torch.save(bare(state.teacher).backbone.state_dict(), run.out / "teacher_backbone.pth")
@@ -1079,9 +1075,8 @@ def train_epochs(state, run):
 
 def train_one_epoch(state, run, epoch):
     """Returns False when a stop was requested (the step in flight is finished first)."""
-    args, sampler = run.args, run.sampler
+    args, sampler, t0 = run.args, run.sampler, time.perf_counter()
     sampler.epoch, sampler.start_step = epoch, state.it - epoch * sampler.steps
-    t0 = time.perf_counter()
     for steps, (views, _, bad) in enumerate(run.loader, 1):
         for path in set(bad) - run.skipped - {""}:  # named once, replaced by another image
             log(run.out, {"type": "skipped", "it": state.it, "file": path},
@@ -1148,7 +1143,6 @@ def benchmark(args):
               "step_s": step_s, "peak_mem_mb": peak / 2**20}
     print(json.dumps(result))
     return result
-
 
 # ----------------------------------------------------------------------------------------------
 # 11. Presets and the command line
@@ -1245,9 +1239,6 @@ POSITIVE = ("patch_size", "out_dim", "batch_size_per_gpu", "epochs", "global_cro
             "local_crop_size", "teacher_temp", "warmup_teacher_temp", "student_temp", "log_every",
             "head_hidden_dim", "bottleneck_dim", "embed_dim", "depth", "num_heads")
 
-def yes_no(text):
-    return text.lower() in ("1", "true", "yes")
-
 def parse_args(argv=None):
     parser = argparse.ArgumentParser("dino_minimal", description=__doc__.split("\n\n")[0],
                                      usage="python dino_minimal.py --data DIR [--flag value ...]",
@@ -1255,7 +1246,8 @@ def parse_args(argv=None):
     for name, kind, default, why in FLAGS:
         opts = {"type": kind, "choices": CHOICES.get(name)}
         if kind is bool:  # yes or no; the switches take nothing
-            opts = {"action": "store_true"} if name in SWITCHES else {"type": yes_no}
+            opts = ({"action": "store_true"} if name in SWITCHES else
+                    {"type": lambda text: text.lower() in ("1", "true", "yes")})
         if kind is tuple:  # two numbers
             opts = {"type": float, "nargs": 2}
         if name == "download":  # --download alone means Imagenette
@@ -1299,15 +1291,18 @@ def claim(folder):
     try:
         Path(folder).mkdir(parents=True, exist_ok=True)
         lock = os.fdopen(os.open(Path(folder) / "lock", os.O_CREAT | os.O_WRONLY), "w")
-        if os.environ.get("RANK", "0") == "0" and os.name == "posix":
-            import fcntl
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)  # released when the file closes
-    except BlockingIOError:
-        raise UsageError(f"another run is using --output_dir {folder}: wait for it to end, "
-                         "or pass another folder") from None
     except OSError as e:
         raise UsageError(f"cannot write to --output_dir {folder} ({e.strerror}): pick another "
                          "folder") from None
+    if os.environ.get("RANK", "0") == "0" and os.name == "posix":
+        import fcntl
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)  # released when the file closes
+        except BlockingIOError:
+            raise UsageError(f"another run is using --output_dir {folder}: wait for it to end, "
+                             "or pass another folder") from None
+        except OSError as e:  # no locks on some Lustre and FUSE mounts (ENOSYS, EOPNOTSUPP)
+            print(f"note: cannot lock --output_dir {folder} ({e.strerror}): training unlocked")
     return lock
 
 def main(argv=None):

@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 import torchvision
 import torchvision.transforms.functional as TF
@@ -639,6 +640,14 @@ def test_knn_is_a_weighted_vote_of_the_k_nearest_by_cosine(n, q, C, k, T, seed):
     assert dm.knn_classify(train_f, train_y, test_f, test_y, k, T) == pytest.approx(
         100 * correct / q)
 
+def test_knn_counts_every_chunk_of_queries():
+    """600 queries, voted in chunks of 256 (or 7): the accuracy of one pass over them all."""
+    train_f, test_f = randn(50, 8, seed=1), randn(600, 8, seed=2)
+    train_y, test_y = (torch.randint(0, 3, (n,), generator=rng(n)) for n in (50, 600))
+    whole = dm.knn_classify(train_f, train_y, test_f, test_y, chunk=600)
+    assert dm.knn_classify(train_f, train_y, test_f, test_y) == whole
+    assert dm.knn_classify(train_f, train_y, test_f, test_y, chunk=7) == whole
+
 def test_eval_view_is_resize_centre_crop_and_imagenet_normalization():
     """The k-NN's input: torchvision's Resize(size * 256/224) + CenterCrop(size) + Normalize
     (bilinear here), up to the uint8 rounding of the resize; a constant c gives (c - mean)/std."""
@@ -784,9 +793,10 @@ def test_sampler_gives_each_rank_its_slice_of_the_one_process_batch(n, batch, wo
     one.epoch, one.start_step = epoch + 1, 0
     assert len(indices) < 8 or [i for _, i in one] != indices
 
-def test_crops_are_a_pure_function_of_seed_epoch_and_image(tiny_data):
+def test_crops_are_a_pure_function_of_seed_epoch_and_image(tiny_data, tmp_path, monkeypatch):
     """Exact resume: the crops of (seed, epoch, index) are the same whenever drawn; with
-    --augment_on_device the photometric draws of a batch follow (seed, iteration)."""
+    --augment_on_device the photometric draws of a batch follow (seed, iteration, rank). An
+    unreadable last image is replaced by the first (the index wraps around)."""
     items, _ = dm.list_images(Path(tiny_data) / "train")
     crops = dm.MultiCrop(32, 16, local_number=2, blur_sigma=(0.1, 0.5))
     first = dm.MultiCropDataset(items, crops, 3)[(1, 5)]
@@ -797,6 +807,11 @@ def test_crops_are_a_pure_function_of_seed_epoch_and_image(tiny_data):
     assert all(torch.equal(a, b) for a, b in zip(first[0], again[0]))
     assert not torch.equal(first[0][0], other_epoch[0][0])
     assert not torch.equal(first[0][0], other_seed[0][0])
+    (tmp_path / "bad.png").write_bytes(items[0][0].read_bytes()[:200])
+    last = dm.MultiCropDataset([*items, (tmp_path / "bad.png", 3)], crops, 3)[(1, len(items))]
+    wrapped = dm.MultiCropDataset(items, crops, 3)[(1, 0)]
+    assert last[1:] == (items[0][1], str(tmp_path / "bad.png")) and wrapped[2] == ""
+    assert all(torch.equal(x, y) for x, y in zip(last[0], wrapped[0]))
     args = dm.parse_args(["--preset", "smoke", "--augment_on_device", "yes"])
     raw = dm.MultiCropDataset(items, crops, 0, photometric=False)
     batch = torch.utils.data.default_collate([raw[(0, i)] for i in range(4)])[0]
@@ -805,6 +820,9 @@ def test_crops_are_a_pure_function_of_seed_epoch_and_image(tiny_data):
     assert [(v.dtype, tuple(v.shape)) for v in a] == [(torch.float32, (4, 3, s, s))
                                                       for s in (32, 32, 16, 16)]
     assert all(torch.equal(x, y) for x, y in zip(a, b)) and not torch.equal(a[0], c[0])
+    monkeypatch.setattr(dm, "rank", lambda: 1)  # under torchrun: rank 1 draws its own, again
+    d, e = (dm.to_device(batch, args, CPU, 3) for _ in range(2))
+    assert all(torch.equal(x, y) for x, y in zip(d, e)) and not torch.equal(a[0], d[0])
 
 def test_knn_features_are_extracted_in_fp32_from_a_bf16_run(tiny_data, tmp_path):
     """The k-NN's features: the fp32 forward of eval_view images even when training runs in
@@ -841,9 +859,10 @@ def test_the_knn_shares_the_images_between_processes_and_gives_the_one_process_r
         tiny_data, tmp_path):
     """torchrun (gloo): each of 2 processes embeds only its half of the images (no process
     idles at a barrier); gathered, both hold the one-process features in item order, labels
-    and accuracy, with an undecodable image left out wherever it falls; with fewer images than
-    processes too."""
-    items = dm.list_images(Path(tiny_data) / "train")[0][:13]  # odd: the shares differ
+    and accuracy, with an undecodable image left out wherever it falls (named once per run); with
+    a number of images that the processes do not divide (the shares padded to one length, then
+    cut) and with fewer images than processes."""
+    items = dm.list_images(Path(tiny_data) / "train")[0][:12]  # 13 with bad.png: shares differ
     (tmp_path / "bad.png").write_bytes(items[0][0].read_bytes()[:200])
     items.insert(6, (tmp_path / "bad.png", 1))
     (tmp_path / "script.py").write_text(KNN_SCRIPT)
@@ -852,12 +871,14 @@ def test_the_knn_shares_the_images_between_processes_and_gives_the_one_process_r
     assert proc.returncode == 0, proc.stderr[-3000:]
     torch.manual_seed(0)
     vit = dm.VisionTransformer(32, 8, 16, 1, 2).eval()
+    run = types.SimpleNamespace(requested=False, skipped=set())  # what a Run lends the k-NN
     with contextlib.redirect_stdout(io.StringIO()) as said:
-        feats, labels = dm.extract_features(vit, items, 32, CPU)
-    assert said.getvalue() == "left 1 images that cannot be read out of the k-NN\n"
+        feats, labels = dm.extract_features(vit, items, 32, CPU, run=run)
+        assert_bitwise_equal(dm.extract_features(vit, items, 32, CPU, run=run), (feats, labels))
+    assert said.getvalue() == f"{tmp_path / 'bad.png'}: cannot read it, left out of the k-NN\n"
     assert labels.tolist() == [y for p, y in items if p.name != "bad.png"]
     ranks = [torch.load(tmp_path / f"{r}.pt", weights_only=True) for r in (0, 1)]
-    assert sorted(len(r["seen"]) for r in ranks) == [7, 7]  # 14 images, the bad one included
+    assert sorted(len(r["seen"]) for r in ranks) == [6, 7]  # 13 images, the bad one included
     assert not set(ranks[0]["seen"]) & set(ranks[1]["seen"])
     for r in ranks:
         torch.testing.assert_close(r["feats"], feats, rtol=1e-5, atol=1e-6)
@@ -879,9 +900,19 @@ class FakeDataset:
     def __iter__(self):
         return iter(self.items)
 
+class DyingDataset(FakeDataset):
+    """The connection drops after 500 images of the training split."""
+
+    def __iter__(self):
+        for i, item in enumerate(self.items):
+            if i == 500 and self.n == 1005:
+                raise OSError("Connection reset by peer")
+            yield item
+
 def test_download_writes_capped_class_folders_of_lossless_pngs(tmp_path, monkeypatch):
     """root/train/<class>/0000.png.. the first 1000 images of each class, root/val/<class>/ the
-    first 200, equal to the originals; a class name is cut at "/"; a rerun fetches nothing."""
+    first 200, equal to the originals; a class name is cut at "/"; a rerun fetches nothing. A
+    download cut in the middle of a split is done again on the rerun, not taken as finished."""
     for name, attr in (("cifar10", "CIFAR10"), ("fashion_mnist", "FashionMNIST")):
         monkeypatch.setattr(torchvision.datasets, attr, FakeDataset)
         root, FakeDataset.made = tmp_path / name, []
@@ -897,6 +928,13 @@ def test_download_writes_capped_class_folders_of_lossless_pngs(tmp_path, monkeyp
         FakeDataset.made = []
         dm.download(name, root)
         assert FakeDataset.made == []
+    monkeypatch.setattr(torchvision.datasets, "CIFAR10", DyingDataset)
+    with pytest.raises(dm.UsageError, match="could not download cifar10"):
+        dm.download("cifar10", tmp_path / "cut")
+    assert (tmp_path / "cut" / "val").is_dir() and not (tmp_path / "cut" / "train").exists()
+    monkeypatch.setattr(torchvision.datasets, "CIFAR10", FakeDataset)  # the rerun: train again
+    dm.download("cifar10", tmp_path / "cut")
+    assert len(list((tmp_path / "cut" / "train").rglob("*.png"))) == 1003
 
 def test_imagenette_downloads_into_data_itself_and_the_same_data_trains_without_download(
         tmp_path, monkeypatch):
@@ -955,6 +993,39 @@ def test_the_teacher_is_an_independent_copy_without_drop_path_but_batch_statisti
         assert not torch.equal(student.backbone(x), student.backbone(x))
         hidden = teacher.head.mlp[1](teacher.head.mlp[0](randn(6, 64, seed=0, scale=5.0) + 3))
     torch.testing.assert_close(hidden.mean(0), torch.zeros(256), rtol=0, atol=1e-5)
+
+def test_under_torchrun_on_gpus_the_head_syncs_its_batchnorms_and_the_teachers_train(
+        monkeypatch):
+    """The decisions build() makes only on GPUs under torchrun, made here on the CPU: in a
+    process group (1 gloo process) with a device of type cuda (the moves to it and DDP, which
+    refuses CPU modules with SyncBatchNorms, stubbed), the head's BatchNorms become
+    SyncBatchNorms, the student is wrapped for DDP, and the teacher's SyncBatchNorms normalize
+    with the batch's statistics (train mode)."""
+    monkeypatch.setattr(nn.Module, "to", lambda self, *args, **kwargs: self)
+    monkeypatch.setattr(nn.parallel, "DistributedDataParallel",
+                        lambda module: types.SimpleNamespace(module=module))
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        args = dm.parse_args(["--preset", "smoke", "--use_bn_in_head", "yes",
+                              "--precision", "fp32"])
+        state = dm.build(args, torch.device("cuda"), iters_per_epoch=4)
+    finally:
+        dist.destroy_process_group()
+    assert type(state.student) is types.SimpleNamespace  # DDP(student) gives it as .module
+    for net in (state.student, state.teacher):
+        norms = [m for m in dm.bare(net).modules() if isinstance(m, nn.modules.batchnorm._NormBase)]
+        assert len(norms) == 2 and all(type(m) is nn.SyncBatchNorm and m.training for m in norms)
+
+def test_each_process_takes_the_gpu_of_its_local_rank(monkeypatch):
+    """torchrun's LOCAL_RANK 3 (of a node's GPUs), not its global RANK: cuda:3."""
+    chosen = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "set_device", chosen.append)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: chosen[-1])
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)  # as if torchrun's group were up
+    monkeypatch.setenv("RANK", "11")
+    monkeypatch.setenv("LOCAL_RANK", "3")
+    assert dm.setup_device("cuda") == torch.device("cuda", 3) and chosen == [3]
 
 def test_a_resnet_backbone_trains_by_the_same_step_and_its_teacher_follows_by_ema(tiny_data,
                                                                                 tmp_path):
@@ -1148,10 +1219,11 @@ def test_a_stopped_run_resumes_bitwise_exact_whatever_the_worker_count(tiny_data
     run_main(tiny_argv(tiny_data, tmp_path / "straight", *extra))
     log_step = dm.log_step
 
-    def term_at_5(state, *args, **kwargs):  # a scheduler's SIGTERM, after step 5
+    def term_at_5(state, *args, **kwargs):  # a scheduler's SIGTERM, twice, after step 5
         log_step(state, *args, **kwargs)
         if state.it == 5:
             signal.raise_signal(signal.SIGTERM)
+            signal.raise_signal(signal.SIGTERM)  # a second SIGTERM changes nothing
 
     monkeypatch.setattr(dm, "log_step", term_at_5)
     argv = tiny_argv(tiny_data, tmp_path / "stopped", *extra, "--num_workers", "2")
@@ -1167,6 +1239,53 @@ def test_a_stopped_run_resumes_bitwise_exact_whatever_the_worker_count(tiny_data
     assert_same_training(a, b)
     assert [r["loss"] for r in read_log(tmp_path / "straight", "step")] == [
         r["loss"] for r in read_log(tmp_path / "stopped", "step")]
+
+def test_a_second_ctrl_c_interrupts_at_once(tiny_data, tmp_path, monkeypatch):
+    """Ctrl-C asks for a stop after the step; a second Ctrl-C before it is taken interrupts at
+    once (KeyboardInterrupt: nothing saved, the caller's handlers given back)."""
+    log_step = dm.log_step
+
+    def two_at_2(state, *args, **kwargs):
+        log_step(state, *args, **kwargs)
+        if state.it == 2:
+            signal.raise_signal(signal.SIGINT)
+            signal.raise_signal(signal.SIGINT)
+
+    monkeypatch.setattr(dm, "log_step", two_at_2)
+    with pytest.raises(KeyboardInterrupt):
+        main_captured(tiny_argv(tiny_data, tmp_path))
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    assert [r["it"] for r in read_log(tmp_path, "step")] == [1, 2]
+    assert not (tmp_path / "checkpoint.pth").exists()
+
+def test_timed_saves_restart_their_clock_and_the_speed_is_each_epochs_own(tiny_data, tmp_path,
+                                                                          monkeypatch):
+    """A clock that runs 24 s per step (4 steps per epoch): --save_every_minutes 1 saves within
+    an epoch once a minute has passed since the last save of either kind, not at every step
+    after the first minute; 0 saves at the ends of epochs only. img_per_s and the time left
+    come from the epoch's own steps, in the second epoch as in the first."""
+    now, step, save, saves = [time.time()], dm.train_step, dm.save_checkpoint, []
+
+    def slow_step(state, views, epoch):
+        now[0] += 24
+        return step(state, views, epoch)
+
+    def counted_save(state, *args):
+        saves.append(state.it)
+        save(state, *args)
+
+    monkeypatch.setattr(dm, "train_step", slow_step)
+    monkeypatch.setattr(dm, "save_checkpoint", counted_save)
+    monkeypatch.setattr(dm, "time", types.SimpleNamespace(time=lambda: now[0],
+                                                          perf_counter=lambda: now[0]))
+    for minutes, expected in ((1, [3, 4, 7, 8]), (0, [4, 8])):
+        saves.clear()
+        out = run_main(tiny_argv(tiny_data, tmp_path / str(minutes), "--epochs", 2,
+                                 "--save_every_minutes", minutes))
+        assert saves == expected
+    steps = read_log(tmp_path / "0", "step")
+    assert [r["img_per_s"] for r in steps] == pytest.approx([8 / 24] * 8)
+    assert re.findall(r"left (\S+) min", out) == [f"{(8 - r['it']) * 0.4:.1f}" for r in steps]
 
 @pytest.fixture(scope="module")
 def data48(tmp_path_factory):
@@ -1225,7 +1344,8 @@ def test_a_killed_loader_worker_ends_in_one_line_and_the_rerun_is_exact(data48, 
     _, err = proc.communicate(timeout=120)
     lines = err.strip().splitlines()
     assert proc.returncode == 1 and len(lines) == 1, err
-    assert lines[0].startswith("error: ") and lines[0].endswith("the same command resumes from it")
+    assert lines[0].startswith("error: a loader worker died (") and lines[0].endswith(
+        "the same command resumes from it; if it recurs, lower --num_workers")
     saved, logged = load_ckpt(out)["it"], read_log(out, "step")[-1]["it"]
     assert saved == 12 * (logged // 12) > 0 and f"holds iteration {saved}, saved 0 min" in lines[0]
     assert f"at iteration {saved}" in run_main(argv)
@@ -1246,14 +1366,16 @@ def test_a_timed_checkpoint_mid_epoch_resumes_exactly(data48, straight48, tmp_pa
 
 def test_a_nan_loss_ends_in_one_line_and_keeps_the_last_checkpoint(tiny_data, tmp_path):
     """A loss that is not finite stops the run before the step is taken: one line that says
-    what to try, status 1, the last checkpoint (of the epoch before) kept as it was."""
+    what to try, status 1, the last checkpoint (of the epoch before) kept as it was, and its
+    true age (the file's, 30 min: the run resumed from it)."""
     run_main(tiny_argv(tiny_data, tmp_path, "--epochs", "1"))
-    before = load_ckpt(tmp_path)
+    before, old = load_ckpt(tmp_path), time.time() - 30 * 60
+    os.utime(tmp_path / "checkpoint.pth", (old, old))  # resumed, it names the file's own age
     rc, _, err = main_captured(tiny_argv(tiny_data, tmp_path, "--epochs", "2",
                                          "--teacher_temp", "1e-45"))
     assert rc == 1 and len(err.strip().splitlines()) == 1, err
     assert err.startswith("error: FloatingPointError: loss is nan") and "--precision fp32" in err
-    assert f"holds iteration {before['it']}" in err
+    assert f"holds iteration {before['it']}, saved 30 min ago" in err
     assert_same_training(before, load_ckpt(tmp_path))
 
 class PowerCut(BaseException):
@@ -1316,6 +1438,7 @@ def test_a_stop_signal_finishes_the_step_saves_and_the_rerun_continues(data48, t
     out = tmp_path / "run"
     argv, proc = start_run(data48, out, *(["--num_workers", "2"] if "workers" in how else []))
     wait_for_step(proc, out, lambda r: r["it"] >= 2)
+    assert f"another run is using --output_dir {out}" in expect_one_error_line(argv)  # locked
     if how.startswith("SIGTERM"):  # a scheduler stopping the job
         proc.send_signal(signal.SIGTERM)
     else:  # a terminal's Ctrl-C reaches the whole process group: the loader's workers too
@@ -1329,17 +1452,33 @@ def test_a_stop_signal_finishes_the_step_saves_and_the_rerun_continues(data48, t
     assert f"resumed from {out / 'checkpoint.pth'} at iteration {it}" in stdout
     assert [r["it"] for r in read_log(out, "step")[before:]] == list(range(it + 1, 37))
 
+# One value other than the smoke model's for each flag that resume compares: each alone is
+# refused (--arch and --num_heads change no weight's shape, but what the weights mean).
+OTHER_MODEL = {"arch": "vit_small", "optimizer": "sgd", "patch_size": 4, "embed_dim": 32,
+               "depth": 3, "num_heads": 4, "out_dim": 128, "head_hidden_dim": 128,
+               "bottleneck_dim": 32, "norm_last_layer": "no", "use_bn_in_head": "yes",
+               "global_crop_size": 24}
+
 def test_a_checkpoint_holds_its_data_by_absolute_path_and_refuses_another_model(tiny_data,
                                                                                tmp_path,
                                                                                monkeypatch):
     """--data relative to where training ran is found from anywhere; resuming into a checkpoint
-    of another model or another global batch is one error line naming the difference."""
+    of another model (any one of its flags alone), another --data (another length of an
+    epoch) or another global batch is one error line naming the difference."""
     monkeypatch.chdir(Path(tiny_data).parent)
     run_main(tiny_argv(Path(tiny_data).name, tmp_path / "out"))
     assert load_ckpt(tmp_path / "out")["args"]["data"] == str(Path(tiny_data).resolve())
+    shutil.copytree(tiny_data, tmp_path / "copy")
     for flags, says in ((("--embed_dim", 32), "was trained with --embed_dim 64"),
-                        (("--batch_size_per_gpu", 4), "global batch of 8")):
+                        (("--batch_size_per_gpu", 4), "global batch of 8"),
+                        (("--data", tmp_path / "copy"),
+                         f"was trained with --data {Path(tiny_data).resolve()}: pass the same")):
         assert says in expect_one_error_line(tiny_argv(tiny_data, tmp_path / "out", *flags))
+    for name, value in OTHER_MODEL.items():  # resume refuses before it touches the state
+        args = dm.parse_args(tiny_argv(tiny_data, tmp_path / "out", f"--{name}", value))
+        with pytest.raises(dm.UsageError, match=f"was trained with --{name} [^:]*: pass the same"):
+            dm.resume(None, args, tmp_path / "out" / "checkpoint.pth")
+    assert {*OTHER_MODEL, "data"} == set(dm.RESUME_FLAGS)  # a flag added there is added here
 
 def test_a_run_resumes_in_another_precision(tiny_data, tmp_path):
     """bf16 -> fp16 -> fp32: a checkpoint saved without a GradScaler's state resumes with one,
@@ -1363,8 +1502,9 @@ def test_a_checkpoint_of_another_number_of_processes_resumes_only_at_the_same_gl
 
 def test_bad_data_or_output_dir_is_one_error_line(tiny_data, tmp_path):
     """--data missing, a file, not given; class folders without images; class folders without
-    train/ above them; images smaller than the crops; fewer images than a batch; an --output_dir
-    that cannot be created (below a regular file: root ignores chmod), with --data or --smoke."""
+    train/ above them; images smaller than the crops; fewer images than a batch (also the global
+    batch of 2 processes); an --output_dir that cannot be created (below a regular file: root
+    ignores chmod), with --data or --smoke."""
     (tmp_path / "file").write_text("x")
     for data in ([], ["--data", tiny_data]):
         argv = ["--smoke", "--output_dir", tmp_path / "file" / "out", *data]
@@ -1382,24 +1522,36 @@ def test_bad_data_or_output_dir_is_one_error_line(tiny_data, tmp_path):
                        (tmp_path / "flat", "holds no train/ folder"), (small, "smaller than"),
                        (few, "batch")):
         assert says in expect_one_error_line(tiny_argv(data, tmp_path / "o"))
+    with pytest.MonkeyPatch.context() as mp:  # 36 images: 2 processes of 20 need 40
+        mp.setattr(dm, "world_size", lambda: 2)
+        with pytest.raises(dm.UsageError, match="36 training images .* but a batch of 40"):
+            dm.load_splits(dm.parse_args(tiny_argv(tiny_data, "o", "--batch_size_per_gpu", 20)))
 
 def test_an_undecodable_image_is_replaced_named_once_and_changes_nothing_else(tiny_data,
                                                                               tmp_path):
     """Non-images are skipped and counted. An image cut short is found when decoded (in a worker
-    or not), replaced by the next image and logged once; 0 or 2 workers alike."""
+    or not), replaced by the next image and logged once; 0 or 2 workers alike. With the k-NN
+    on (3 evaluations, each 2 networks x memory and queries), each file that cannot be read is
+    named once in the whole run, the training image by the first pass that meets it."""
     data = tmp_path / "data"
     shutil.copytree(tiny_data, data)
     (data / "train" / "class0" / "notes.png").write_text("not an image")
     (data / "train" / "class1" / "junk.jpg").write_bytes(os.urandom(300))
-    bad = data / "train" / "class1" / "002.png"
-    bad.write_bytes(bad.read_bytes()[:200])
-    for workers in (0, 2):
-        stdout = run_main(tiny_argv(data, tmp_path / str(workers), "--epochs", 2, "--num_workers",
-                                    workers))
-        assert f"skipped 2 files under {data / 'train'} that are not images" in stdout
-        assert [r["file"] for r in read_log(tmp_path / str(workers), "skipped")] == [str(bad)]
-        assert f"{bad}: cannot read it, replaced by another image" in stdout
+    bad, query = data / "train" / "class1" / "002.png", data / "val" / "class2" / "004.png"
+    for path in (bad, query):
+        path.write_bytes(path.read_bytes()[:200])
+    said = {}
+    for name, workers, knn in (("0", 0, 0), ("2", 2, 0), ("knn", 0, 1)):
+        said[name] = run_main(tiny_argv(data, tmp_path / name, "--epochs", 2, "--num_workers",
+                                        workers, "--eval_every", knn))
+        assert f"skipped 2 files under {data / 'train'} that are not images" in said[name]
+        assert said[name].count(str(bad)) == 1 and said[name].count(str(query)) == knn
+    for name in ("0", "2"):
+        assert [r["file"] for r in read_log(tmp_path / name, "skipped")] == [str(bad)]
+        assert f"{bad}: cannot read it, replaced by another image" in said[name]
+    assert f"{query}: cannot read it, left out of the k-NN" in said["knn"]
     assert_same_training(load_ckpt(tmp_path / "0"), load_ckpt(tmp_path / "2"))
+    assert_same_training(load_ckpt(tmp_path / "0"), load_ckpt(tmp_path / "knn"))
 
 def test_each_surprise_in_the_data_folders_is_one_error_line(tiny_data, tmp_path, monkeypatch):
     """Refused before any work, each in one line: an empty class folder, a k-NN query class that
@@ -1507,6 +1659,23 @@ def test_one_run_per_output_dir(tiny_data, tmp_path):
     assert f"another run is using --output_dir {tmp_path / 'out'}" in err
     assert "done:" in run_main(tiny_argv(tiny_data, tmp_path / "out"))  # released: it trains
 
+def test_a_folder_that_cannot_be_locked_trains_without_the_lock_and_says_so(tiny_data, tmp_path,
+                                                                             monkeypatch):
+    """Some Lustre and FUSE mounts (a multi-node run's shared folder) have no flock: the run
+    trains unlocked and says so in one line."""
+    import errno
+    import fcntl
+
+    def no_flock(file, how):
+        raise OSError(errno.ENOSYS, os.strerror(errno.ENOSYS))
+
+    monkeypatch.setattr(fcntl, "flock", no_flock)
+    out = run_main(tiny_argv(tiny_data, tmp_path / "out"))
+    notes = [x for x in out.splitlines() if "lock" in x]
+    says = f"({os.strerror(errno.ENOSYS)}): training unlocked"
+    assert notes == [f"note: cannot lock --output_dir {tmp_path / 'out'} {says}"]
+    assert "done:" in out and load_ckpt(tmp_path / "out")["it"] == 4
+
 def test_a_device_that_is_not_there_is_one_error_line(tiny_data, tmp_path, monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
@@ -1533,6 +1702,9 @@ def test_a_stop_during_the_knn_ends_it_early_with_the_checkpoint_of_the_epoch(ti
     assert rc == 130 and err == "" and len(calls) == 6 and load_ckpt(tmp_path)["it"] == 4
     assert [r["epoch"] for r in read_log(tmp_path, "knn")] == [0]
     assert out.strip().splitlines()[-1].startswith("stopped at iteration 4: saved")
+    monkeypatch.undo()  # resumed, the run does not evaluate the random initialization again
+    run_main(tiny_argv(tiny_data, tmp_path, "--epochs", 2, "--eval_every", 1))
+    assert [r["epoch"] for r in read_log(tmp_path, "knn")] == [0, 2]
 
 def test_the_fault_line_for_shared_memory_gives_remedies_not_a_rerun():
     """A loader worker out of /dev/shm: the line names --num_workers 0 and a larger shm, and
@@ -1544,6 +1716,22 @@ def test_the_fault_line_for_shared_memory_gives_remedies_not_a_rerun():
     line = str(dm.fault(bus, dm.TrainState(*[None] * 5, it=15), run))
     assert "--num_workers 0" in line and "--shm-size" in line and "same command" not in line
     assert "(iteration 15); out/checkpoint.pth holds iteration 12, saved 0 min ago" in line
+
+@pytest.mark.parametrize("error", [
+    ConnectionResetError(104, "Connection reset by peer"), EOFError(),
+    RuntimeError("DataLoader worker (pid(s) 9) exited unexpectedly"),
+    RuntimeError("DataLoader worker (pid 9) is killed by signal: Killed.")])
+def test_a_killed_loader_worker_is_named_whichever_exception_the_loader_raises(error):
+    """The kernel kills a worker (out of memory): torch says so, or the batch it was sending
+    breaks off (a connection reset, 2 of 6 tries). Each line says a loader worker died, what
+    was raised, that the same command resumes and what to try if it recurs; another fault
+    does not blame a worker."""
+    run = types.SimpleNamespace(ckpt=Path("out/checkpoint.pth"), saved_it=12, saved_at=time.time())
+    line = str(dm.fault(error, dm.TrainState(*[None] * 5, it=15), run))
+    assert line.startswith(f"a loader worker died ({type(error).__name__}") and line.endswith(
+        "saved 0 min ago: the same command resumes from it; if it recurs, lower --num_workers")
+    nan = str(dm.fault(FloatingPointError("loss is nan"), dm.TrainState(*[None] * 5, it=15), run))
+    assert "worker" not in nan and nan.endswith("the same command resumes from it")
 
 @pytest.mark.parametrize("cores,processes,expected", [(16, None, 10), (16, "8", 2), (4, "8", 1),
                                                      (1, None, 1)])
@@ -1558,7 +1746,7 @@ def test_the_default_workers_share_the_nodes_cores_among_its_processes(monkeypat
     assert dm.default_workers() == expected
 
 RANKS_SCRIPT = """
-import itertools, os, sys, time, types
+import itertools, os, signal, sys, time, types
 import dino_minimal as dm
 mode, argv, rank = sys.argv[1], sys.argv[2:], int(os.environ["RANK"])
 if mode == "fault" and rank == 1:  # rank 1's loader fails at iteration 5; its clock runs fast
@@ -1570,6 +1758,13 @@ if mode == "fault" and rank == 1:  # rank 1's loader fails at iteration 5; its c
             raise RuntimeError("DataLoader worker (pid 1) is killed by signal: Killed.")
         return step(state, views, epoch)
     dm.train_step = failing
+if mode == "stop" and rank == 1:  # a stop asked of rank 1 alone, after iteration 7
+    log_step = dm.log_step
+    def stop_at_7(state, *args, **kwargs):
+        log_step(state, *args, **kwargs)
+        if state.it == 7:
+            signal.raise_signal(signal.SIGTERM)
+    dm.log_step = stop_at_7
 if mode == "own_disk" and rank == 1:  # --output_dir on each node's own disk
     argv[argv.index("--output_dir") + 1] += "_node2"
 sys.exit(dm.main(argv))
@@ -1579,9 +1774,10 @@ def test_under_torchrun_a_fault_on_any_rank_names_the_checkpoint_that_rank_0_wro
     """2 gloo processes, 3 steps per epoch. Rank 1's clock says a timed save is due at every
     step, rank 0's never: the decision is shared, so both save after each step, and when rank 1
     fails in the step after iteration 5, every error line names the checkpoint that rank 0 wrote
-    (iteration 5);
-    the rerun resumes from it. A rank that finds another checkpoint than rank 0 (a folder on
-    each node's own disk) is refused."""
+    (iteration 5); the rerun resumes from it. A stop asked of rank 1 alone stops both ranks
+    after the same step (rank 0 saves it; torchrun then ends with its own status 1). Ranks
+    that find different checkpoints (a folder on each node's own disk) both refuse, the one
+    ahead as the one behind: none goes on."""
     data = dm.make_synthetic_images(tmp_path / "data", classes=2, per_class=16, size=40, seed=2)
     (tmp_path / "ranks.py").write_text(RANKS_SCRIPT)
     argv = tiny_argv(data, tmp_path / "out", "--batch_size_per_gpu", 4, "--epochs", 3)
@@ -1590,11 +1786,15 @@ def test_under_torchrun_a_fault_on_any_rank_names_the_checkpoint_that_rank_0_wro
     assert failed.returncode != 0 and errors, failed.stderr[-3000:]
     assert load_ckpt(tmp_path / "out")["it"] == 5
     assert all("holds iteration 5, saved" in x for x in errors), errors
-    rerun = torchrun(argv)
-    assert rerun.returncode == 0 and rerun.stdout.count("at iteration 5") == 1, rerun.stderr
-    assert load_ckpt(tmp_path / "out")["it"] == 9
+    rerun = torchrun(["stop", *argv], script=tmp_path / "ranks.py")
+    assert rerun.returncode == 1 and rerun.stdout.count("at iteration 5") == 1, rerun.stderr
+    stopped = [x for x in rerun.stdout.splitlines() if x.startswith("stopped")]
+    line = f"stopped at iteration 7: saved {tmp_path / 'out'}/checkpoint.pth; the same command"
+    assert stopped == [f"{line} resumes"], rerun.stdout[-2000:] + rerun.stderr[-2000:]
+    assert load_ckpt(tmp_path / "out")["it"] == 7
     refused = torchrun(["own_disk", *argv], script=tmp_path / "ranks.py")
-    assert refused.returncode != 0 and "must be a folder that every node sees" in refused.stderr
+    errors = [x for x in refused.stderr.splitlines() if x.startswith("error: ")]
+    assert len(errors) == 2 and all("must be a folder that every node sees" in x for x in errors)
 
 def test_under_torchrun_sigterm_to_the_group_stops_every_rank_at_one_step_with_one_line(
         tmp_path):
@@ -1610,8 +1810,10 @@ def test_under_torchrun_sigterm_to_the_group_stops_every_rank_at_one_step_with_o
     os.killpg(proc.pid, signal.SIGTERM)
     stdout, stderr = proc.communicate(timeout=120)
     stopped = [x for x in stdout.splitlines() if x.startswith("stopped at iteration")]
-    # torchrun's own agent prints a traceback for the signal it got; none comes from a rank
+    # torchrun's own agent prints a traceback for the signal it got, and ends with status 1;
+    # none comes from a rank
     assert len(stopped) == 1 and "dino_minimal.py" not in stderr, stdout[-2000:] + stderr[-3000:]
+    assert proc.returncode == 1 and "Traceback" in stderr
     assert stopped[0].startswith(f"stopped at iteration {load_ckpt(out)['it']}: saved")
 
 IMPOSSIBLE_FLAGS = [
@@ -1623,7 +1825,7 @@ IMPOSSIBLE_FLAGS = [
     "--warmup_teacher_temp 0", "--student_temp 0", "--global_crops_scale 0 1",
     "--local_crops_scale 0.05 1.5", "--global_crops_scale 0.8 0.4", "--momentum_teacher 1.5",
     "--momentum_teacher_end 1.01", "--center_momentum -0.1", "--drop_path_rate 1.5",
-    "--drop_path_rate -0.1", "--save_every_minutes -1"]
+    "--drop_path_rate 1", "--drop_path_rate -0.1", "--save_every_minutes -1"]
 
 @pytest.mark.parametrize("flags", IMPOSSIBLE_FLAGS)
 def test_impossible_flags_are_one_error_line(tiny_data, tmp_path, flags):
@@ -1761,6 +1963,8 @@ def test_a_preset_changes_its_own_values_only_and_explicit_flags_win(preset):
         **{k: v for k, v in default.items() if k not in dm.PRESETS[preset]}, "preset": preset}
     explicit = dm.parse_args(["--preset", preset, "--lr", "0.0123", "--local_crops_number", "5"])
     assert (explicit.lr, explicit.local_crops_number) == (0.0123, 5)
+    # a value equal to the default still wins: the preset is a default, not an override
+    assert dm.parse_args(["--preset", preset, "--epochs", "100"]).epochs == default["epochs"]
     if preset == "smoke":  # --smoke is --preset smoke
         assert {**vars(dm.parse_args(["--smoke"])), "smoke": False, "preset": preset} == got
 
@@ -1853,6 +2057,22 @@ def test_each_flag_reaches_the_object_or_step_that_uses_it(flags, reached, expec
     state = dm.build(args, CPU, iters_per_epoch=3)
     assert reached(state, dm.multicrop_of(args), compiled) == expected
 
+def test_resume_compares_every_flag_that_shapes_a_weight(monkeypatch):
+    """Each flag of FLAG_REACHES whose value changes the name or shape of a weight of the
+    student or the loss, or the optimizer, is one that resume compares: another value would
+    end in load_state_dict's traceback (--global_crop_size: the position embeddings)."""
+    monkeypatch.setattr(torch, "compile", lambda model, **_: model)
+
+    def shapes(*flags):
+        state = dm.build(dm.parse_args([*FLAG_BASE, *flags]), CPU, iters_per_epoch=3)
+        weights = {**dm.bare(state.student).state_dict(), **state.dino_loss.state_dict()}
+        return type(state.optimizer), {k: v.shape for k, v in weights.items()}
+
+    base = shapes()
+    shaping = {flags.split()[0][2:] for flags, _, _ in FLAG_REACHES
+               if shapes(*flags.split()) != base}
+    assert "global_crop_size" in shaping and shaping <= set(dm.RESUME_FLAGS)
+
 @pytest.fixture(scope="module")
 def spied_run(tiny_data, tmp_path_factory):
     """One in-process run of 3 epochs of 3 steps (12 of the 36 images each), with every flag
@@ -1875,7 +2095,7 @@ def spied_run(tiny_data, tmp_path_factory):
     def features(real, backbone, *args, **kwargs):  # the same features twice, those of eval()
         feats = [real(net, *args, **kwargs)[0] for net in (backbone, backbone,
                                                             copy.deepcopy(backbone).eval())]
-        return all(torch.equal(feats[0], f) for f in feats[1:])
+        return args[1], all(torch.equal(feats[0], f) for f in feats[1:])  # and the image size
 
     class Loader(torch.utils.data.DataLoader):  # the workers asked for, loading in-process
         def __init__(self, *args, num_workers=0, **kwargs):
@@ -1925,7 +2145,8 @@ def test_the_knn_of_training_takes_k_20_t_007_and_eval_features_of_teacher_and_s
     assert len(knn) == 3 and all({"knn_top1", "knn_top1_student"} <= set(r) for r in knn)
     assert seen["knn_classify"] == [[20, 0.07]] * 2 * 3  # App. F.1, teacher and student
     # drop-path 0.2 in both backbones: a network left in train mode gives other features
-    assert seen["extract_features"] == [True] * 2 * 2 * 3  # train and val, 2 nets, 3 times
+    # at the global crop size (24)
+    assert seen["extract_features"] == [(24, True)] * 2 * 2 * 3  # train and val, 2 nets, 3 times
 
 def ks_distance(a, b):
     """Two-sample Kolmogorov-Smirnov statistic: max |F_a(x) - F_b(x)| over the pooled x."""
