@@ -1875,6 +1875,9 @@ def test_command_line_smoke_run_end_to_end(tmp_path, monkeypatch):
     assert [path for path, _ in snippet["images"]] == sorted(Path("my_images").rglob("*.png"))
     cos = F.normalize(features, dim=1) @ F.normalize(features, dim=1).T  # (15, 15)
     assert torch.equal(cos.argmax(1), torch.arange(15))
+    patches = snippet["patches"]  # 32-px crops of 8-px patches: a 4 x 4 grid
+    assert patches.shape == (15, 16, 64) and not patches.requires_grad
+    torch.testing.assert_close(snippet["backbone"].norm(snippet["tokens"])[:, 0], features)
 
 def torchrun(argv, script=SCRIPT):
     """The command line (or another script that imports dino_minimal) as 2 processes of
