@@ -1252,9 +1252,13 @@ def test_a_second_ctrl_c_interrupts_at_once(tiny_data, tmp_path, monkeypatch):
             signal.raise_signal(signal.SIGINT)
 
     monkeypatch.setattr(dm, "log_step", two_at_2)
-    with pytest.raises(KeyboardInterrupt):
-        main_captured(tiny_argv(tiny_data, tmp_path))
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    previous = signal.signal(signal.SIGINT, caller_handler)  # the caller's own handler
+    try:
+        with pytest.raises(KeyboardInterrupt), contextlib.redirect_stdout(io.StringIO()):
+            dm.main([str(a) for a in tiny_argv(tiny_data, tmp_path)])
+        assert signal.getsignal(signal.SIGINT) is caller_handler
+    finally:
+        signal.signal(signal.SIGINT, previous)
     assert [r["it"] for r in read_log(tmp_path, "step")] == [1, 2]
     assert not (tmp_path / "checkpoint.pth").exists()
 
