@@ -1883,12 +1883,20 @@ def test_command_line_smoke_run_end_to_end(tmp_path, monkeypatch):
     assert patches.shape == (15, 16, 64) and not patches.requires_grad
     torch.testing.assert_close(snippet["backbone"].norm(snippet["tokens"])[:, 0], features)
 
-def torchrun(argv, script=SCRIPT):
+def torchrun(argv, script=SCRIPT, timeout=300):
     """The command line (or another script that imports dino_minimal) as 2 processes of
-    torchrun (gloo on the CPU)."""
-    return subprocess.run([*TORCHRUN, str(script), *map(str, argv)],
-                          env={**ENV, "PYTHONPATH": str(SCRIPT.parent)}, text=True,
-                          capture_output=True, timeout=300, check=False)
+    torchrun (gloo on the CPU). Still going after timeout seconds, it hung (ranks waiting on
+    each other): torchrun is stopped, which ends its ranks (in their own sessions: killing it
+    would leave them hanging), and the test fails."""
+    proc = subprocess.Popen([*TORCHRUN, str(script), *map(str, argv)],
+                            env={**ENV, "PYTHONPATH": str(SCRIPT.parent)}, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.terminate()  # torchrun sends its ranks SIGTERM, then SIGKILL 30 s later
+        pytest.fail(f"still running after {timeout} s: it hangs. {proc.communicate()[1][-3000:]}")
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
 
 def test_torchrun_two_cpu_processes_match_one_process_with_twice_the_batch(tmp_path):
     """torchrun (gloo): 2 x B equals 1 x 2B: the same center (a mean over both processes'
