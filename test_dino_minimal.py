@@ -1845,8 +1845,9 @@ def readme_snippet(heading):
 
 def test_command_line_smoke_run_end_to_end(tmp_path, monkeypatch):
     """The file's first command: it trains in the resolved precision, logs the loss, collapse
-    diagnostics and k-NN (well above chance), and saves loadable weights; the README's snippet
-    embeds a folder of images with them, one row per image, each its own nearest neighbour."""
+    diagnostics and k-NN (well above chance), and saves loadable weights; the README's snippets
+    embed a folder of images with them, one row per image, each its own nearest neighbour, and
+    draw an image file's attention maps and 60% masks."""
     out = tmp_path / "dino_output"  # the default --output_dir, which the README's snippet reads
     rc, stdout, stderr = run_cli(["--smoke", "--output_dir", out], timeout=300)
     assert rc == 0 and stderr == "", stderr
@@ -1882,6 +1883,42 @@ def test_command_line_smoke_run_end_to_end(tmp_path, monkeypatch):
     patches = snippet["patches"]  # 32-px crops of 8-px patches: a 4 x 4 grid
     assert patches.shape == (15, 16, 64) and not patches.requires_grad
     torch.testing.assert_close(snippet["backbone"].norm(snippet["tokens"])[:, 0], features)
+    check_attention_snippet(vit)
+
+def check_attention_snippet(vit):
+    """The README's attention snippet, as printed, in the current folder (the smoke run's
+    dino_output, its teacher loaded in `vit`) on a generated 40 x 56 photo: a PNG of the map and
+    one of the 60% mask per head, nothing else; each map's patches grow lighter with the head's
+    attention on them; each mask shows the image on the patches it keeps and black elsewhere,
+    and keeps the fewest patches holding >= 60% of the head's attention, computed here."""
+    yy, xx = torch.meshgrid(torch.arange(40), torch.arange(56), indexing="ij")
+    photo = torch.stack([xx * 2, yy * 3, 255 - 2 * xx - yy]).float() / 255  # smooth, no black
+    Image.fromarray((40 + 175 * photo).byte().permute(1, 2, 0).numpy()).save("my_image.jpg")
+    Path("attention.py").write_text(readme_snippet("Attention maps of an image file"))
+    snippet = runpy.run_path("attention.py")
+    heads, p, size = 2, 8, 64  # the smoke ViT's heads and patch, twice its 32-px crops
+    assert sorted(map(str, Path().glob("*-head*.png"))) == [
+        f"{kind}-head{h}.png" for kind in ("attn", "mask") for h in range(heads)]
+    img = snippet["img"][0]  # (3, size, size) uint8: the photo as the snippet resized it
+    assert img.shape == (3, size, size) and img.min() > 0
+    att = vit.eval().get_last_selfattention(dm.normalize(img[None].float() / 255))[0, :, 0, 1:]
+    share = att / att.sum(1, keepdim=True)  # (heads, N): each head's mass over the patches
+
+    def patches(png, mode):  # (size, size) image -> (N, p * p * C): row-major p x p patches
+        x = torch.from_numpy(np.array(Image.open(png).convert(mode))).view(size, size, -1)
+        return x.view(size // p, p, size // p, p, -1).transpose(1, 2).flatten(0, 1).flatten(1)
+
+    Image.fromarray(img.permute(1, 2, 0).numpy()).save("resized.png")
+    for h in range(heads):
+        # inferno's colours grow lighter from the least to the most attended patch
+        light = patches(f"attn-head{h}.png", "L").float()  # (N, p * p): one grey per patch
+        assert (light == light[:, :1]).all() and light.max() > light.min()
+        assert (light[share[h].argsort(), 0].diff() >= 0).all()
+        shown, resized = patches(f"mask-head{h}.png", "RGB"), patches("resized.png", "RGB")
+        kept = (shown != 0).any(1)  # (N,)
+        assert torch.equal(shown[kept], resized[kept]) and (shown[~kept] == 0).all()
+        mass, weakest = share[h][kept].sum(), share[h][kept].min()
+        assert mass >= 0.6 - 1e-6 and mass - weakest < 0.6 + 1e-6, (mass, weakest)
 
 def torchrun(argv, script=SCRIPT):
     """The command line (or another script that imports dino_minimal) as 2 processes of
