@@ -1884,6 +1884,20 @@ def test_command_line_smoke_run_end_to_end(tmp_path, monkeypatch):
     assert patches.shape == (15, 16, 64) and not patches.requires_grad
     torch.testing.assert_close(snippet["backbone"].norm(snippet["tokens"])[:, 0], features)
     check_attention_snippet(vit)
+    check_evaluation_snippet(knn[-1]["knn_top1"])
+
+def check_evaluation_snippet(logged_knn):
+    """The README's evaluation snippet, as printed, in the current folder on the smoke run's
+    teacher and images: the k-NN that training logged for them, and a linear probe's accuracy
+    (a whole number of the 60 queries) above chance."""
+    Path("my_labelled_images").symlink_to(Path("dino_output", "smoke_data").resolve())
+    Path("evaluation.py").write_text(readme_snippet("Evaluate a backbone without training"))
+    with contextlib.redirect_stdout(io.StringIO()) as printed:
+        snippet = runpy.run_path("evaluation.py")
+    knn, linear = snippet["knn"], snippet["linear"]
+    assert printed.getvalue() == f"weighted k-NN: {knn:.2f}%\nlinear probe: {linear:.2f}%\n"
+    assert knn == logged_knn and len(snippet["val_y"]) == 60
+    assert 100 / 10 < linear <= 100 and abs(linear * 60 / 100 - round(linear * 60 / 100)) < 1e-4
 
 def check_attention_snippet(vit):
     """The README's attention snippet, as printed, in the current folder (the smoke run's
