@@ -938,6 +938,22 @@ def resume(state, args, path):
     state.it = ckpt["it"]
     say(f"resumed from {path} at iteration {state.it}")
 
+def load_backbone(path, *backbones):
+    """teacher_backbone.pth, a checkpoint.pth's teacher or the released weights into backbones."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = {k.removeprefix("module.").removeprefix("backbone."): v
+                 for k, v in state.get("teacher", state).items() if "head." not in k}
+    except Exception as e:  # no such file, not a torch file, not a state dict
+        raise UsageError(f"cannot load {path} ({type(e).__name__}): pass a backbone file") from None
+    ours = backbones[0].state_dict()
+    for key in [*ours, *state]:  # the model's keys in order, then the file's others
+        a, b = (tuple(d[key].shape) if key in d else "missing" for d in (state, ours))
+        if a != b:
+            raise UsageError(f"{path} does not fit this model: {key} is {a} there, {b} here")
+    for backbone in backbones:
+        backbone.load_state_dict(state)
+
 def log(out, record, shown=None):
     """Rank 0: record as a JSON line of out/log.jsonl with its time; print it (or `shown`)."""
     if rank() != 0:
@@ -1010,6 +1026,8 @@ def train(args):
     resume(state, args, run.ckpt)
     if state.it:  # the checkpoint resumed from, and its age
         run.saved_it, run.saved_at = state.it, run.ckpt.stat().st_mtime
+    elif args.init_weights:  # a new run: both backbones start from the file, the heads fresh
+        load_backbone(args.init_weights, bare(state.student).backbone, bare(state.teacher).backbone)
     say(f"{len(run.data[0])} training / {len(run.data[1])} k-NN query images, {len(run.data[2])} "
         f"classes; views 2 x {args.global_crop_size} px + {args.local_crops_number} x "
         f"{args.local_crop_size} px; {run.sampler.steps} iterations per epoch on {world_size()} "
@@ -1167,6 +1185,7 @@ FLAGS = [
     ("data", str, None, "DIR/train/ (any depth) to learn from; DIR/val/<class>/* as k-NN queries"),
     ("download", str, None, "first fetch imagenette (the default), cifar10 or fashion_mnist"),
     ("output_dir", str, "./dino_output", "checkpoint.pth, log.jsonl; the same command resumes"),
+    ("init_weights", str, None, "backbone weights to start from, heads new; a resume ignores them"),
     ("preset", str, None, "a set of defaults (smoke, laptop); explicit flags still win"),
     ("smoke", bool, False, "= --preset smoke on generated images: the loop in seconds on a CPU"),
     ("benchmark", bool, False, "print one JSON line: the step's images/s, seconds, memory"),

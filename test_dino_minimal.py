@@ -1493,6 +1493,52 @@ def test_a_run_resumes_in_another_precision(tiny_data, tmp_path):
         assert load_ckpt(out)["it"] == 4 * epochs
     assert [r["it"] for r in read_log(out, "step")] == list(range(1, 13))
 
+def test_init_weights_starts_both_backbones_from_a_file_and_a_resume_ignores_it(
+        tiny_data, tmp_path, monkeypatch):
+    """--init_weights: at the first step the student's and the teacher's backbones hold the
+    file's tensors (a teacher_backbone.pth, or a checkpoint.pth's teacher), their heads are those
+    the seed gives without it, and training moves the backbone. A resume ignores the flag (the
+    checkpoint holds the weights, the file may be gone). A file that does not fit the model is
+    one error line naming the first mismatch, before any step."""
+    source = tmp_path / "source"
+    run_main(tiny_argv(tiny_data, source))  # the smoke model, 4 steps
+    backbone = torch.load(source / "teacher_backbone.pth", weights_only=True)
+    first, step = [], dm.train_step
+
+    def recording_step(state, views, epoch):  # the networks as the step finds them
+        first.append({net: copy.deepcopy(dm.bare(getattr(state, net)).state_dict())
+                      for net in ("student", "teacher")})
+        return step(state, views, epoch)
+
+    def part(weights, prefix):
+        return {k.removeprefix(prefix): v for k, v in weights.items() if k.startswith(prefix)}
+
+    monkeypatch.setattr(dm, "train_step", recording_step)
+    run_main(tiny_argv(tiny_data, tmp_path / "fresh", "--seed", 1))
+    fresh = first[0]["student"]
+    assert distance(part(fresh, "backbone."), backbone) > 1  # the file is not the seed's init
+    for name in ("teacher_backbone.pth", "checkpoint.pth"):
+        first.clear()
+        out = tmp_path / name
+        run_main(tiny_argv(tiny_data, out, "--seed", 1, "--init_weights", source / name))
+        for net in ("student", "teacher"):
+            assert_bitwise_equal(part(first[0][net], "backbone."), backbone)
+            assert_bitwise_equal(part(first[0][net], "head."), part(fresh, "head."))
+        assert distance(part(load_ckpt(out)["student"], "backbone."), backbone) > 0
+    saved, first[:] = load_ckpt(out), []
+    argv = tiny_argv(tiny_data, out, "--seed", 1, "--epochs", 2, "--init_weights", "gone.pth")
+    assert f"resumed from {out / 'checkpoint.pth'} at iteration 4" in run_main(argv)
+    assert_bitwise_equal(first[0]["student"], saved["student"])
+    file, refused, first[:] = source / "teacher_backbone.pth", tmp_path / "refused", []
+    for flags, says in ((["--global_crop_size", 40], "pos_embed is (1, 17, 64) there, (1, 26, 64)"),
+                        (["--depth", 3], "blocks.2.norm1.weight is missing there, (64,)"),
+                        (["--depth", 1], "blocks.1.norm1.weight is (64,) there, missing")):
+        err = expect_one_error_line(tiny_argv(tiny_data, refused, "--init_weights", file, *flags))
+        assert err == f"error: {file} does not fit this model: {says} here"
+    err = expect_one_error_line(tiny_argv(tiny_data, refused, "--init_weights", tmp_path / "no"))
+    assert err.startswith(f"error: cannot load {tmp_path / 'no'} (FileNotFoundError)")
+    assert not first and not (refused / "log.jsonl").exists()  # refused before any step
+
 def test_a_checkpoint_of_another_number_of_processes_resumes_only_at_the_same_global_batch(
         tiny_data, tmp_path):
     """The schedules count iterations: a checkpoint of 2 processes x 4 images resumes in one
