@@ -518,9 +518,8 @@ def load_rgb(path):
         raise UsageError(f"cannot read {path} ({e}): delete or replace it, then rerun") from None
 
 def list_images(folder, min_size=0, classes=None):
-    """(path, label) of every image under folder, at any depth, and the class names: `classes`
-    if given (val/ takes train's), else its folders if 2 or more hold every image, else none
-    (unlabelled: every label 0)."""
+    """(path, label) of every image under folder, at any depth, and the class names: `classes` if
+    given (val/ takes train's), else its folders if 2+ hold every image, else none (labels 0)."""
     items, skipped, small = [], 0, []
     for path in sorted(p for p in folder.rglob("*") if p.is_file()):
         try:
@@ -595,8 +594,7 @@ class MultiCropDataset(torch.utils.data.Dataset):
         return self.multicrop(img, rng, self.photometric), label, bad
 
 class EpochSampler(torch.utils.data.Sampler):
-    """Shuffles per epoch; step s takes images perm[s*B*W : (s+1)*B*W], process r the r-th
-    slice of B of them, so W processes see exactly the batches of one process with B*W."""
+    """A shuffle per epoch; step s, process r of W: the r-th B of perm[s*B*W : (s+1)*B*W]."""
 
     def __init__(self, n, batch, rank=0, world=1, seed=0):
         self.n, self.batch, self.rank, self.world, self.seed = n, batch, rank, world, seed
@@ -627,8 +625,7 @@ def eval_batch(batch):
 
 @torch.no_grad()
 def extract_features(backbone, items, size, device, workers=0, run=None):
-    """(n, D) fp32 backbone(eval_view(image)) and (n,) labels of the readable items; process r
-    takes r::W. With a Run: the pass ends early once run.requested; unreadable files named."""
+    """(n, D) fp32 backbone(eval_view(image)), (n,) labels of readable items; process r: r::W."""
     share = [(path, label, size) for path, label in items[rank()::world_size()]]
     share = share or [(items[0][0], -1, size)]  # fewer items than processes: gather cuts it off
     loader = torch.utils.data.DataLoader(share, batch_size=256, num_workers=workers,
@@ -649,18 +646,16 @@ def extract_features(backbone, items, size, device, workers=0, run=None):
     return feats[labels >= 0], labels[labels >= 0]
 
 def gather_shares(x, n):
-    """Every process's share items[r::W] of n items, gathered back into item order: (n, ...)."""
-    m = math.ceil(n / world_size())  # the shares padded to one length, with -1
-    x = torch.cat([x, x.new_full((m - len(x), *x.shape[1:]), -1)])  # (m, ...)
+    """Every process's share items[r::W] of n items (padded with -1), back in item order."""
+    x = torch.cat([x, x.new_full((math.ceil(n / world_size()) - len(x), *x.shape[1:]), -1)])
     shares = [torch.empty_like(x) for _ in range(world_size())]
     dist.all_gather(shares, x)  # no process waits on another's k-NN: all compute the same
     return torch.stack(shares, 1).flatten(0, 1)[:n]  # row j*W + r is item j*W + r
 
 def knn_accuracy(backbone, train_items, val_items, args, device, run=None):
     """Weighted k-NN top-1 (App. F.1), training set as memory, val as queries; None: stopped."""
-    size, workers = args.global_crop_size, args.num_workers
-    memory = extract_features(backbone, train_items, size, device, workers, run)
-    queries = extract_features(backbone, val_items, size, device, workers, run)
+    memory, queries = (extract_features(backbone, x, args.global_crop_size, device,
+                                        args.num_workers, run) for x in (train_items, val_items))
     if run and agree(run.requested)[0]:  # a stop in any process ends the evaluation
         return None
     return knn_classify(*memory, *queries)
@@ -678,9 +673,8 @@ def make_synthetic_images(root, classes=10, per_class=24, size=48, seed=0):
         path = Path(root) / ("val" if i % 4 == 0 else "train") / f"class{c}" / f"{i:03d}.png"
         path.parent.mkdir(parents=True, exist_ok=True)
         # written whole, then renamed: the processes of a --smoke torchrun write side by side
-        tmp = path.with_name(f".{path.name}.{os.getpid()}")
-        pixels = (img.clamp(0, 1) * 255).byte().permute(1, 2, 0).numpy()
-        Image.fromarray(pixels).save(tmp, format="PNG")
+        tmp = path.with_name(f".{os.getpid()}.{path.name}")  # ends in .png: saved as a PNG
+        Image.fromarray((img.clamp(0, 1) * 255).byte().permute(1, 2, 0).numpy()).save(tmp)
         os.replace(tmp, path)
     return str(root)
 
@@ -711,13 +705,11 @@ def download(name, root):
     return str(root)
 
 # ----------------------------------------------------------------------------------------------
-# 9. Speed: Part I's augmentation in batched tensor ops on uint8 crops, not PIL (3x faster per
-#    worker; a whole batch on the GPU), device, precision; their figures: notebooks/RESULTS.md
-#    (Performance). None changes Part I's algorithm but two departures, named at their lines.
+# 9. Speed: Part I's augmentation as batched tensor ops on uint8 crops (3x PIL per worker; a
+#    batch on the GPU), device, precision (RESULTS.md, Performance); 2 departures, at their lines.
 # ----------------------------------------------------------------------------------------------
 def random_resized_crop(img, size, scale, rng, ratio=(3 / 4, 4 / 3)):
-    """RandomResizedCrop's box, as torchvision draws it: a random area (scale) and aspect ratio
-    w / h (ratio), 10 tries to fit it in the image; resized to size x size."""
+    """torchvision's RandomResizedCrop: a box of random area (scale) and w / h (ratio), 10 tries."""
     _, H, W = img.shape
     for _ in range(10):
         u = torch.rand(4, generator=rng).tolist()
@@ -735,10 +727,8 @@ def random_resized_crop(img, size, scale, rng, ratio=(3 / 4, 4 / 3)):
     return F.interpolate(crop, size=(size, size), mode="bilinear", antialias=True)[0]
 
 def finish_views(views, blur_sigma, rng):
-    """The photometric half and normalization of V views, each (n, 3, h, w) uint8, with its view's
-    probabilities: one batched call per crop size (n = 1 in a worker, n = B on the GPU)."""
-    n, out = views[0].shape[0], []
-    names = ["global 1", "global 2"] + ["local"] * (len(views) - 2)
+    """The photometric half and normalization of V views (n, 3, h, w) uint8, batched by size."""
+    n, out, names = views[0].shape[0], [], ["global 1", "global 2"] + ["local"] * (len(views) - 2)
     for first, last in ((0, 2), (2, len(views))):  # the global views, then the local ones
         if last > first:
             p = torch.tensor([VIEWS[name] for name in names[first:last]]).repeat_interleave(n, 0)
@@ -747,8 +737,7 @@ def finish_views(views, blur_sigma, rng):
     return out  # V tensors (n, 3, h, w), float, normalized
 
 def photometric(x, p, blur_sigma, rng):
-    """Flip, jitter, grayscale, blur, solarize: x (n, 3, h, w) uint8 -> float in [0, 1]; p (n, 5)
-    the probabilities of each crop's view. Draws come from the CPU generator rng."""
+    """Flip, jitter, gray, blur, solarize x (n, 3, h, w) uint8 -> [0, 1]; p (n, 5): its view's."""
     coin = torch.rand(p.shape, generator=rng) < p  # (n, 5) which crop gets what
     x = where(coin[:, 0], x.float() / 255, lambda c: c.flip(-1))
     x = color_jitter(x, coin[:, 1], rng)
@@ -787,7 +776,6 @@ def color_jitter(x, on, rng):
         R[:, 1, 2], R[:, 2, 1] = -theta.sin(), theta.sin()
         M = torch.linalg.inv(RGB_TO_YIQ) @ R @ RGB_TO_YIQ  # (m, 3, 3)
         return torch.einsum("nij,njhw->nihw", M.to(x.device), x).clamp(0, 1)
-
     return where(on, x, jitter)
 
 def gaussian_blur(x, on, sigma_range, rng):
@@ -806,7 +794,6 @@ def gaussian_blur(x, on, sigma_range, rng):
         y = F.conv2d(y, k.view(3 * m, 1, 1, -1), groups=3 * m)
         y = F.pad(y, (0, 0, r, r), mode="reflect")
         return F.conv2d(y, k.view(3 * m, 1, -1, 1), groups=3 * m).view(m, 3, h, w)
-
     return where(on, x, blur)
 
 def normalize(x):
@@ -819,9 +806,8 @@ def setup_device(name):
     found = {"cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}
     if not found.get(name, True):
         raise UsageError(f"--device {name}, but torch finds no such device: pass auto or cpu")
-    auto = name == "auto"
-    if auto:
-        name = "cuda" if found["cuda"] else "mps" if found["mps"] else "cpu"
+    auto = name == "auto"  # the first of cuda, mps, cpu that torch finds
+    name = next(d for d in ("cuda", "mps", "cpu") if found.get(d, True)) if auto else name
     if "RANK" in os.environ and not dist.is_initialized():
         dist.init_process_group("nccl" if name == "cuda" else "gloo")
     if auto and name == "cpu" and torch.version.cuda:
@@ -923,15 +909,14 @@ def save_checkpoint(state, args, path):
 
 def resume(state, args, path):
     """Continue from path if it exists; refuse a damaged one, another model, data, global batch."""
-    ckpt, it = {}, -1
-    if path.exists():
-        try:
-            ckpt = torch.load(path, map_location="cpu", weights_only=True)
-            it = ckpt["it"] if {*STATES, "it", "args"} <= ckpt.keys() else None
-        except Exception:  # cut short, empty, not a checkpoint
-            it = None
-        if it is None:
-            raise UsageError(f"{path} is damaged or incomplete: move it away to start again")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True) if path.exists() else {}
+        damaged = path.exists() and not {*STATES, "it", "args"} <= ckpt.keys()
+    except Exception:  # cut short, empty, not a checkpoint
+        damaged = True
+    if damaged:
+        raise UsageError(f"{path} is damaged or incomplete: move it away to start again")
+    it = ckpt.get("it", -1)
     if agree(it, -it) != [it, -it]:  # the max and the min over the processes differ
         raise UsageError(f"the processes found different checkpoints: --output_dir "
                          f"{args.output_dir} must be a folder that every node sees")
@@ -952,6 +937,22 @@ def resume(state, args, path):
             bare(getattr(state, name)).load_state_dict(ckpt[name])
     state.it = ckpt["it"]
     say(f"resumed from {path} at iteration {state.it}")
+
+def load_backbone(path, *backbones):
+    """teacher_backbone.pth, a checkpoint.pth's teacher or the released weights into backbones."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = {k.removeprefix("module.").removeprefix("backbone."): v
+                 for k, v in state.get("teacher", state).items() if "head." not in k}
+    except Exception as e:  # no such file, not a torch file, not a state dict
+        raise UsageError(f"cannot load {path} ({type(e).__name__}): pass a backbone file") from None
+    ours = backbones[0].state_dict()
+    for key in [*ours, *state]:  # the model's keys in order, then the file's others
+        a, b = (tuple(d[key].shape) if key in d else "missing" for d in (state, ours))
+        if a != b:
+            raise UsageError(f"{path} does not fit this model: {key} is {a} there, {b} here")
+    for backbone in backbones:
+        backbone.load_state_dict(state)
 
 def log(out, record, shown=None):
     """Rank 0: record as a JSON line of out/log.jsonl with its time; print it (or `shown`)."""
@@ -976,9 +977,8 @@ def to_device(views, args, device, it):
     return finish_views(views, args.blur_sigma, rng)
 
 class Run:
-    """What the loop needs besides the TrainState: the data, where to write, when to stop.
-    Inside `with run:` Ctrl-C or SIGTERM requests a stop: the step in flight finishes, the run
-    saves and ends. A second Ctrl-C interrupts at once."""
+    """The loop's data, output and stops: inside `with run:` Ctrl-C or SIGTERM asks for a stop (the
+    step in flight finishes, the run saves and ends); a second Ctrl-C interrupts at once."""
 
     def __init__(self, args, device):
         self.args, self.device, self.out = args, device, Path(args.output_dir)
@@ -1026,11 +1026,12 @@ def train(args):
     resume(state, args, run.ckpt)
     if state.it:  # the checkpoint resumed from, and its age
         run.saved_it, run.saved_at = state.it, run.ckpt.stat().st_mtime
-    (train_items, val_items, classes), steps = run.data, run.sampler.steps
-    say(f"{len(train_items)} training / {len(val_items)} k-NN query images, {len(classes)} "
+    elif args.init_weights:  # a new run: both backbones start from the file, the heads fresh
+        load_backbone(args.init_weights, bare(state.student).backbone, bare(state.teacher).backbone)
+    say(f"{len(run.data[0])} training / {len(run.data[1])} k-NN query images, {len(run.data[2])} "
         f"classes; views 2 x {args.global_crop_size} px + {args.local_crops_number} x "
-        f"{args.local_crop_size} px; {steps} iterations per epoch on {world_size()} x "
-        f"{device} in {args.precision}")
+        f"{args.local_crop_size} px; {run.sampler.steps} iterations per epoch on {world_size()} "
+        f"x {device} in {args.precision}")
     if device.type == "cpu" and not (args.preset or args.smoke):
         say("note: without --preset the defaults are the paper's recipe for 16 GPUs, days on a "
             "CPU; --preset laptop trains a small ViT on 32-px images in about 30 minutes")
@@ -1084,10 +1085,9 @@ def train_one_epoch(state, run, epoch):
             run.skipped.add(path)
         views = to_device(views, args, run.device, state.it)
         torch.manual_seed(seed_for(args.seed, state.it))  # drop-path: a function of the step
-        loss, teacher_probs, teacher_feats = train_step(state, views, epoch)
+        stats = train_step(state, views, epoch)  # the loss, the teacher's probabilities, features
         if state.it % args.log_every == 0 or state.it == (epoch + 1) * sampler.steps:
-            log_step(state, run, epoch, loss, teacher_probs, teacher_feats,
-                     seconds_per_step=(time.perf_counter() - t0) / steps)
+            log_step(state, run, epoch, *stats, seconds_per_step=(time.perf_counter() - t0) / steps)
         due = 0 < args.save_every_minutes < (time.time() - run.saved_at) / 60
         stop, due = agree(run.requested, due)  # every process decides the same
         if stop:
@@ -1177,8 +1177,7 @@ PRESETS = {
 
 def default_workers():
     """The node's cores shared among its processes (torchrun's LOCAL_WORLD_SIZE), 10 at most."""
-    cores = (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-    return max(1, min(10, cores))
+    return max(1, min(10, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
 
 # Every flag: (name, type, default, why it is that value); names as in the official main_dino.py.
 SWITCHES = ("smoke", "benchmark", "compile")
@@ -1186,6 +1185,7 @@ FLAGS = [
     ("data", str, None, "DIR/train/ (any depth) to learn from; DIR/val/<class>/* as k-NN queries"),
     ("download", str, None, "first fetch imagenette (the default), cifar10 or fashion_mnist"),
     ("output_dir", str, "./dino_output", "checkpoint.pth, log.jsonl; the same command resumes"),
+    ("init_weights", str, None, "backbone weights to start from, heads new; a resume ignores them"),
     ("preset", str, None, "a set of defaults (smoke, laptop); explicit flags still win"),
     ("smoke", bool, False, "= --preset smoke on generated images: the loop in seconds on a CPU"),
     ("benchmark", bool, False, "print one JSON line: the step's images/s, seconds, memory"),

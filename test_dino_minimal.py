@@ -1493,6 +1493,52 @@ def test_a_run_resumes_in_another_precision(tiny_data, tmp_path):
         assert load_ckpt(out)["it"] == 4 * epochs
     assert [r["it"] for r in read_log(out, "step")] == list(range(1, 13))
 
+def test_init_weights_starts_both_backbones_from_a_file_and_a_resume_ignores_it(
+        tiny_data, tmp_path, monkeypatch):
+    """--init_weights: at the first step the student's and the teacher's backbones hold the
+    file's tensors (a teacher_backbone.pth, or a checkpoint.pth's teacher), their heads are those
+    the seed gives without it, and training moves the backbone. A resume ignores the flag (the
+    checkpoint holds the weights, the file may be gone). A file that does not fit the model is
+    one error line naming the first mismatch, before any step."""
+    source = tmp_path / "source"
+    run_main(tiny_argv(tiny_data, source))  # the smoke model, 4 steps
+    backbone = torch.load(source / "teacher_backbone.pth", weights_only=True)
+    first, step = [], dm.train_step
+
+    def recording_step(state, views, epoch):  # the networks as the step finds them
+        first.append({net: copy.deepcopy(dm.bare(getattr(state, net)).state_dict())
+                      for net in ("student", "teacher")})
+        return step(state, views, epoch)
+
+    def part(weights, prefix):
+        return {k.removeprefix(prefix): v for k, v in weights.items() if k.startswith(prefix)}
+
+    monkeypatch.setattr(dm, "train_step", recording_step)
+    run_main(tiny_argv(tiny_data, tmp_path / "fresh", "--seed", 1))
+    fresh = first[0]["student"]
+    assert distance(part(fresh, "backbone."), backbone) > 1  # the file is not the seed's init
+    for name in ("teacher_backbone.pth", "checkpoint.pth"):
+        first.clear()
+        out = tmp_path / name
+        run_main(tiny_argv(tiny_data, out, "--seed", 1, "--init_weights", source / name))
+        for net in ("student", "teacher"):
+            assert_bitwise_equal(part(first[0][net], "backbone."), backbone)
+            assert_bitwise_equal(part(first[0][net], "head."), part(fresh, "head."))
+        assert distance(part(load_ckpt(out)["student"], "backbone."), backbone) > 0
+    saved, first[:] = load_ckpt(out), []
+    argv = tiny_argv(tiny_data, out, "--seed", 1, "--epochs", 2, "--init_weights", "gone.pth")
+    assert f"resumed from {out / 'checkpoint.pth'} at iteration 4" in run_main(argv)
+    assert_bitwise_equal(first[0]["student"], saved["student"])
+    file, refused, first[:] = source / "teacher_backbone.pth", tmp_path / "refused", []
+    for flags, says in ((["--global_crop_size", 40], "pos_embed is (1, 17, 64) there, (1, 26, 64)"),
+                        (["--depth", 3], "blocks.2.norm1.weight is missing there, (64,)"),
+                        (["--depth", 1], "blocks.1.norm1.weight is (64,) there, missing")):
+        err = expect_one_error_line(tiny_argv(tiny_data, refused, "--init_weights", file, *flags))
+        assert err == f"error: {file} does not fit this model: {says} here"
+    err = expect_one_error_line(tiny_argv(tiny_data, refused, "--init_weights", tmp_path / "no"))
+    assert err.startswith(f"error: cannot load {tmp_path / 'no'} (FileNotFoundError)")
+    assert not first and not (refused / "log.jsonl").exists()  # refused before any step
+
 def test_a_checkpoint_of_another_number_of_processes_resumes_only_at_the_same_global_batch(
         tiny_data, tmp_path):
     """The schedules count iterations: a checkpoint of 2 processes x 4 images resumes in one
@@ -1845,8 +1891,9 @@ def readme_snippet(heading):
 
 def test_command_line_smoke_run_end_to_end(tmp_path, monkeypatch):
     """The file's first command: it trains in the resolved precision, logs the loss, collapse
-    diagnostics and k-NN (well above chance), and saves loadable weights; the README's snippet
-    embeds a folder of images with them, one row per image, each its own nearest neighbour."""
+    diagnostics and k-NN (well above chance), and saves loadable weights; the README's snippets
+    embed a folder of images with them, one row per image, each its own nearest neighbour, and
+    draw an image file's attention maps and 60% masks."""
     out = tmp_path / "dino_output"  # the default --output_dir, which the README's snippet reads
     rc, stdout, stderr = run_cli(["--smoke", "--output_dir", out], timeout=300)
     assert rc == 0 and stderr == "", stderr
@@ -1882,6 +1929,56 @@ def test_command_line_smoke_run_end_to_end(tmp_path, monkeypatch):
     patches = snippet["patches"]  # 32-px crops of 8-px patches: a 4 x 4 grid
     assert patches.shape == (15, 16, 64) and not patches.requires_grad
     torch.testing.assert_close(snippet["backbone"].norm(snippet["tokens"])[:, 0], features)
+    check_attention_snippet(vit)
+    check_evaluation_snippet(knn[-1]["knn_top1"])
+
+def check_evaluation_snippet(logged_knn):
+    """The README's evaluation snippet, as printed, in the current folder on the smoke run's
+    teacher and images: the k-NN that training logged for them, and a linear probe's accuracy
+    (a whole number of the 60 queries) above chance."""
+    Path("my_labelled_images").symlink_to(Path("dino_output", "smoke_data").resolve())
+    Path("evaluation.py").write_text(readme_snippet("Evaluate a backbone without training"))
+    with contextlib.redirect_stdout(io.StringIO()) as printed:
+        snippet = runpy.run_path("evaluation.py")
+    knn, linear = snippet["knn"], snippet["linear"]
+    assert printed.getvalue() == f"weighted k-NN: {knn:.2f}%\nlinear probe: {linear:.2f}%\n"
+    assert knn == logged_knn and len(snippet["val_y"]) == 60
+    assert 100 / 10 < linear <= 100 and abs(linear * 60 / 100 - round(linear * 60 / 100)) < 1e-4
+
+def check_attention_snippet(vit):
+    """The README's attention snippet, as printed, in the current folder (the smoke run's
+    dino_output, its teacher loaded in `vit`) on a generated 40 x 56 photo: a PNG of the map and
+    one of the 60% mask per head, nothing else; each map's patches grow lighter with the head's
+    attention on them; each mask shows the image on the patches it keeps and black elsewhere,
+    and keeps the fewest patches holding >= 60% of the head's attention, computed here."""
+    yy, xx = torch.meshgrid(torch.arange(40), torch.arange(56), indexing="ij")
+    photo = torch.stack([xx * 2, yy * 3, 255 - 2 * xx - yy]).float() / 255  # smooth, no black
+    Image.fromarray((40 + 175 * photo).byte().permute(1, 2, 0).numpy()).save("my_image.jpg")
+    Path("attention.py").write_text(readme_snippet("Attention maps of an image file"))
+    snippet = runpy.run_path("attention.py")
+    heads, p, size = 2, 8, 64  # the smoke ViT's heads and patch, twice its 32-px crops
+    assert sorted(map(str, Path().glob("*-head*.png"))) == [
+        f"{kind}-head{h}.png" for kind in ("attn", "mask") for h in range(heads)]
+    img = snippet["img"][0]  # (3, size, size) uint8: the photo as the snippet resized it
+    assert img.shape == (3, size, size) and img.min() > 0
+    att = vit.eval().get_last_selfattention(dm.normalize(img[None].float() / 255))[0, :, 0, 1:]
+    share = att / att.sum(1, keepdim=True)  # (heads, N): each head's mass over the patches
+
+    def patches(png, mode):  # (size, size) image -> (N, p * p * C): row-major p x p patches
+        x = torch.from_numpy(np.array(Image.open(png).convert(mode))).view(size, size, -1)
+        return x.view(size // p, p, size // p, p, -1).transpose(1, 2).flatten(0, 1).flatten(1)
+
+    Image.fromarray(img.permute(1, 2, 0).numpy()).save("resized.png")
+    for h in range(heads):
+        # inferno's colours grow lighter from the least to the most attended patch
+        light = patches(f"attn-head{h}.png", "L").float()  # (N, p * p): one grey per patch
+        assert (light == light[:, :1]).all() and light.max() > light.min()
+        assert (light[share[h].argsort(), 0].diff() >= 0).all()
+        shown, resized = patches(f"mask-head{h}.png", "RGB"), patches("resized.png", "RGB")
+        kept = (shown != 0).any(1)  # (N,)
+        assert torch.equal(shown[kept], resized[kept]) and (shown[~kept] == 0).all()
+        mass, weakest = share[h][kept].sum(), share[h][kept].min()
+        assert mass >= 0.6 - 1e-6 and mass - weakest < 0.6 + 1e-6, (mass, weakest)
 
 def torchrun(argv, script=SCRIPT, timeout=300):
     """The command line (or another script that imports dino_minimal) as 2 processes of
