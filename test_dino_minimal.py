@@ -1892,8 +1892,8 @@ def readme_snippet(heading):
 def test_command_line_smoke_run_end_to_end(tmp_path, monkeypatch):
     """The file's first command: it trains in the resolved precision, logs the loss, collapse
     diagnostics and k-NN (well above chance), and saves loadable weights; the README's snippets
-    embed a folder of images with them, one row per image, each its own nearest neighbour, and
-    draw an image file's attention maps and 60% masks."""
+    embed a folder of images with them, one row per image, each its own nearest neighbour,
+    draw an image file's attention maps and 60% masks, and evaluate the teacher (k-NN, probe)."""
     out = tmp_path / "dino_output"  # the default --output_dir, which the README's snippet reads
     rc, stdout, stderr = run_cli(["--smoke", "--output_dir", out], timeout=300)
     assert rc == 0 and stderr == "", stderr
