@@ -1934,15 +1934,16 @@ def test_command_line_smoke_run_end_to_end(tmp_path, monkeypatch):
 
 def check_evaluation_snippet(logged_knn):
     """The README's evaluation snippet, as printed, in the current folder on the smoke run's
-    teacher and images: the k-NN that training logged for them, and a linear probe's accuracy
-    (a whole number of the 60 queries) above chance."""
+    teacher and images: the k-NN that training logged for them, give or take the one query that
+    training's fused attention kernel can round the other way (as the README says), and a linear
+    probe's accuracy (a whole number of the 60 queries) above chance."""
     Path("my_labelled_images").symlink_to(Path("dino_output", "smoke_data").resolve())
     Path("evaluation.py").write_text(readme_snippet("Evaluate a backbone without training"))
     with contextlib.redirect_stdout(io.StringIO()) as printed:
         snippet = runpy.run_path("evaluation.py")
     knn, linear = snippet["knn"], snippet["linear"]
     assert printed.getvalue() == f"weighted k-NN: {knn:.2f}%\nlinear probe: {linear:.2f}%\n"
-    assert knn == logged_knn and len(snippet["val_y"]) == 60
+    assert abs(knn - logged_knn) <= 100 / 60 + 1e-6 and len(snippet["val_y"]) == 60
     assert 100 / 10 < linear <= 100 and abs(linear * 60 / 100 - round(linear * 60 / 100)) < 1e-4
 
 def check_attention_snippet(vit):
