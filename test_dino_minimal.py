@@ -1796,7 +1796,7 @@ def test_the_default_workers_share_the_nodes_cores_among_its_processes(monkeypat
     assert dm.default_workers() == expected
 
 RANKS_SCRIPT = """
-import itertools, os, signal, sys, time, types
+import itertools, os, pathlib, signal, sys, time, types
 import dino_minimal as dm
 mode, argv, rank = sys.argv[1], sys.argv[2:], int(os.environ["RANK"])
 if mode == "fault" and rank == 1:  # rank 1's loader fails at iteration 5; its clock runs fast
@@ -1817,7 +1817,14 @@ if mode == "stop" and rank == 1:  # a stop asked of rank 1 alone, after iteratio
     dm.log_step = stop_at_7
 if mode == "own_disk" and rank == 1:  # --output_dir on each node's own disk
     argv[argv.index("--output_dir") + 1] += "_node2"
-sys.exit(dm.main(argv))
+rc = dm.main(argv)
+if mode == "own_disk":  # torchrun ends the other ranks at the first exit: each waits until
+    shared = pathlib.Path(argv[argv.index("--output_dir") + 1]).parent  # both have returned
+    (shared / f"rank{rank}.done").touch()
+    deadline = time.time() + 60
+    while not (shared / f"rank{1 - rank}.done").exists() and time.time() < deadline:
+        time.sleep(0.1)
+sys.exit(rc)
 """
 
 def test_under_torchrun_a_fault_on_any_rank_names_the_checkpoint_that_rank_0_wrote(tmp_path):
@@ -1827,7 +1834,9 @@ def test_under_torchrun_a_fault_on_any_rank_names_the_checkpoint_that_rank_0_wro
     (iteration 5); the rerun resumes from it. A stop asked of rank 1 alone stops both ranks
     after the same step (rank 0 saves it; torchrun then ends with its own status 1). Ranks
     that find different checkpoints (a folder on each node's own disk) both refuse, the one
-    ahead as the one behind: none goes on."""
+    ahead as the one behind: none goes on (each rank waits for the other to return from main()
+    before it exits, since torchrun ends the other ranks as soon as one exits: without that
+    wait, a rank could be ended before its line is printed)."""
     data = dm.make_synthetic_images(tmp_path / "data", classes=2, per_class=16, size=40, seed=2)
     (tmp_path / "ranks.py").write_text(RANKS_SCRIPT)
     argv = tiny_argv(data, tmp_path / "out", "--batch_size_per_gpu", 4, "--epochs", 3)
