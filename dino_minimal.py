@@ -1320,7 +1320,7 @@ def main(argv=None):
             args.data = download(args.download, args.data) if args.download else args.data
             return train(args)
     except UsageError as e:
-        print(f"error: {e}", file=sys.stderr)
+        sys.stderr.write(f"error: {e}\n")  # one write: lines of several ranks do not interleave
         return e.status
     finally:
         if dist.is_initialized():

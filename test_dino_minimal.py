@@ -1834,9 +1834,9 @@ def test_under_torchrun_a_fault_on_any_rank_names_the_checkpoint_that_rank_0_wro
     (iteration 5); the rerun resumes from it. A stop asked of rank 1 alone stops both ranks
     after the same step (rank 0 saves it; torchrun then ends with its own status 1). Ranks
     that find different checkpoints (a folder on each node's own disk) both refuse, the one
-    ahead as the one behind: none goes on (each rank waits for the other to return from main()
-    before it exits, since torchrun ends the other ranks as soon as one exits: without that
-    wait, a rank could be ended before its line is printed)."""
+    ahead as the one behind: none goes on, and each refusal is a line of its own (the ranks
+    write to one stderr at the same moment). Each rank waits for the other to return from
+    main() before it exits: torchrun ends the other ranks as soon as one exits."""
     data = dm.make_synthetic_images(tmp_path / "data", classes=2, per_class=16, size=40, seed=2)
     (tmp_path / "ranks.py").write_text(RANKS_SCRIPT)
     argv = tiny_argv(data, tmp_path / "out", "--batch_size_per_gpu", 4, "--epochs", 3)
@@ -1853,7 +1853,8 @@ def test_under_torchrun_a_fault_on_any_rank_names_the_checkpoint_that_rank_0_wro
     assert load_ckpt(tmp_path / "out")["it"] == 7
     refused = torchrun(["own_disk", *argv], script=tmp_path / "ranks.py")
     errors = [x for x in refused.stderr.splitlines() if x.startswith("error: ")]
-    assert len(errors) == 2 and all("must be a folder that every node sees" in x for x in errors)
+    assert len(errors) == 2 and all("must be a folder that every node sees" in x for x in errors), \
+        refused.stdout[-2000:] + refused.stderr[-4000:]
 
 def test_under_torchrun_sigterm_to_the_group_stops_every_rank_at_one_step_with_one_line(
         tmp_path):
